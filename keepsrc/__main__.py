@@ -1,0 +1,3 @@
+from keepsrc.cli import main
+
+raise SystemExit(main())

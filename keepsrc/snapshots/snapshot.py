@@ -1,0 +1,78 @@
+"""A per-node Snapshot: typed resources by type URL, each serialized once and versioned by content.
+
+Versions are a hash of the deterministic wire bytes, so two keepsrc replicas (or a restarted
+server) given the same topology hand out the same versions and an Envoy sees nothing new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import MappingProxyType
+
+from google.protobuf.message import Message
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+
+# Make-before-break order for pushing a change: clusters, then their endpoints, then the
+# listeners that use them, then routes. Removals go after the adds that replace them.
+TYPE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+SHORT_NAMES = {CLUSTER: "cluster", ENDPOINT: "endpoint", LISTENER: "listener", ROUTE: "route"}
+
+
+def content_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One xDS resource: its typed message, wire bytes (serialized once) and content version."""
+
+    name: str
+    type_url: str
+    message: Message
+    body: bytes
+    version: str
+
+    @classmethod
+    def of(cls, name: str, type_url: str, message: Message) -> Resource:
+        body = message.SerializeToString(deterministic=True)
+        return cls(name, type_url, message, body, content_version(body))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one proxy entry (and every Envoy that maps to it) is served."""
+
+    resources: Mapping[str, Mapping[str, Resource]] = field(default_factory=dict)
+
+    @classmethod
+    def from_resources(cls, resources: Iterable[Resource]) -> Snapshot:
+        by_type: dict[str, dict[str, Resource]] = {t: {} for t in TYPE_ORDER}
+        for resource in resources:
+            by_type.setdefault(resource.type_url, {})[resource.name] = resource
+        return cls(MappingProxyType({t: MappingProxyType(dict(sorted(r.items()))) for t, r in by_type.items()}))
+
+    def of_type(self, type_url: str) -> Mapping[str, Resource]:
+        return self.resources.get(type_url, MappingProxyType({}))
+
+    @cached_property
+    def versions(self) -> Mapping[str, str]:
+        """The SotW version of each type: a hash over its resources' names and versions."""
+        return {
+            type_url: content_version("\n".join(f"{n}={r.version}" for n, r in resources.items()).encode())
+            for type_url, resources in self.resources.items()
+        }
+
+    def version(self, type_url: str) -> str:
+        return self.versions.get(type_url, content_version(b""))
+
+    @cached_property
+    def version_info(self) -> str:
+        """One version for the whole snapshot, for logs and `keepsrc status`."""
+        return content_version(" ".join(self.version(t) for t in sorted(self.resources)).encode())

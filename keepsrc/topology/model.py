@@ -1,0 +1,143 @@
+"""The typed, immutable topology: what the loader produces and every later stage consumes.
+
+A mesh that embeds keepsrc builds these dataclasses in code and skips the YAML entirely,
+so nothing here knows about files or line numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cached_property
+from ipaddress import ip_address
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class Protocol(StrEnum):
+    TCP = "tcp"
+    HTTP = "http"
+
+
+class LbPolicy(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_REQUEST = "least_request"
+    RANDOM = "random"
+    RING_HASH = "ring_hash"
+    MAGLEV = "maglev"
+
+
+class ProxyProtocolVersion(StrEnum):
+    V1 = "v1"
+    V2 = "v2"
+
+
+class Placement(StrEnum):
+    """Where the upstream of an original_src listener lives, which decides the host routing plan."""
+
+    LOCAL = "local"  # the upstream app runs in this network namespace (a sidecar, as in the talk)
+    GATEWAY = "gateway"  # the upstream is another host reached through `upstream_interface`
+
+
+@dataclass(frozen=True)
+class SocketAddress:
+    host: str  # an IP literal for listeners; an IP or a DNS name for endpoints
+    port: int
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """A TCP connect health check; on a PROXY-protocol cluster it sends a v2 LOCAL header first."""
+
+    interval_ms: int = 5000
+    timeout_ms: int = 1000
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    endpoints: tuple[SocketAddress, ...]
+    connect_timeout_ms: int = 1000
+    lb: LbPolicy = LbPolicy.ROUND_ROBIN
+    send_proxy_protocol: ProxyProtocolVersion | None = None
+    health_check: HealthCheck | None = None
+
+    @cached_property
+    def uses_dns(self) -> bool:
+        """Any hostname endpoint makes the cluster STRICT_DNS; all-IP clusters are served by EDS."""
+        return any(not _is_ip(ep.host) for ep in self.endpoints)
+
+
+@dataclass(frozen=True)
+class AcceptProxyProtocol:
+    versions: tuple[ProxyProtocolVersion, ...] = (ProxyProtocolVersion.V1, ProxyProtocolVersion.V2)
+    optional: bool = False  # accept connections that carry no PROXY header at all
+    pass_through_tlvs: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class OriginalSrc:
+    mark: int = 1337
+    placement: Placement | None = None  # None: netplan refuses to guess and says what to add
+    upstream_interface: str | None = None  # required for gateway placement
+    table: int = 133  # policy-routing table that sends marked replies to lo
+
+
+@dataclass(frozen=True)
+class Xff:
+    use_remote_address: bool = True
+    trusted_hops: int = 0
+    skip_append: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    prefix: str
+    service: str
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    address: SocketAddress
+    protocol: Protocol
+    service: str | None = None  # tcp only
+    routes: tuple[Route, ...] = ()  # http only
+    accept_proxy_protocol: AcceptProxyProtocol | None = None
+    tls_inspector: bool = False
+    original_src: OriginalSrc | None = None
+    xff: Xff | None = None  # http only
+
+    def services(self) -> tuple[str, ...]:
+        """Upstream services this listener sends to, in first-use order."""
+        names = [self.service] if self.service else [r.service for r in self.routes]
+        return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class Proxy:
+    name: str  # matched against the Envoy's node.id, else node.cluster
+    listeners: tuple[Listener, ...]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Services by name and proxies by name; treat both dicts as read-only once built."""
+
+    services: dict[str, Service] = field(default_factory=dict)
+    proxies: dict[str, Proxy] = field(default_factory=dict)
