@@ -29,20 +29,43 @@ def content_version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-@dataclass(frozen=True, slots=True)
 class Resource:
-    """One xDS resource: its typed message, wire bytes (serialized once) and content version."""
+    """One xDS resource: wire bytes (serialized once), content version, and its typed message.
 
-    name: str
-    type_url: str
-    message: Message
-    body: bytes
-    version: str
+    Streams only ever need `body`; `message` is kept when the builder made one, and otherwise
+    parsed from `body` on first use (render, tests, debugging).
+    """
+
+    __slots__ = ("_message", "body", "message_type", "name", "type_url", "version")
+
+    def __init__(self, name: str, type_url: str, body: bytes, message_type: type[Message],
+                 message: Message | None = None) -> None:
+        self.name = name
+        self.type_url = type_url
+        self.body = body
+        self.version = content_version(body)
+        self.message_type = message_type
+        self._message = message
 
     @classmethod
     def of(cls, name: str, type_url: str, message: Message) -> Resource:
-        body = message.SerializeToString(deterministic=True)
-        return cls(name, type_url, message, body, content_version(body))
+        return cls(name, type_url, message.SerializeToString(deterministic=True), type(message), message)
+
+    @property
+    def message(self) -> Message:
+        if self._message is None:
+            self._message = self.message_type.FromString(self.body)
+        return self._message
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Resource) and (self.type_url, self.name, self.body) == (
+            other.type_url, other.name, other.body)
+
+    def __hash__(self) -> int:
+        return hash((self.type_url, self.name, self.version))
+
+    def __repr__(self) -> str:
+        return f"Resource({SHORT_NAMES.get(self.type_url, self.type_url)} {self.name!r} v{self.version})"
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
-from ipaddress import ip_address
+from socket import AF_INET, AF_INET6, inet_pton
 
 
 def _is_ip(host: str) -> bool:
-    try:
-        ip_address(host)
-    except ValueError:
-        return False
-    return True
+    # inet_pton is C; ipaddress.ip_address costs ~8 us a call, which shows at 50,000 endpoints.
+    for family in (AF_INET, AF_INET6):
+        try:
+            inet_pton(family, host)
+        except OSError:
+            continue
+        return True
+    return False
 
 
 class Protocol(StrEnum):

@@ -11,8 +11,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tests.support.strict import require
 
 
@@ -42,7 +40,8 @@ class Envoy:
         self.name = name
         self.netns = netns
         self.config_path = workdir / f"{name}.yaml"
-        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+        # JSON is YAML too, and json handles the OrderedDicts that MessageToDict returns.
+        text = config if isinstance(config, str) else json.dumps(config, indent=1)
         self.config_path.write_text(text)
         self.log_path = workdir / f"{name}.log"
         self.admin_path = workdir / f"{name}.admin"

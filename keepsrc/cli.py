@@ -1,0 +1,144 @@
+"""`keepsrc` command line: validate | render | bootstrap | netplan | serve | demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from keepsrc.snapshots.bootstrap import XdsApi, XdsTransport, static_bootstrap, xds_bootstrap
+from keepsrc.snapshots.builder import build_snapshot
+from keepsrc.snapshots.render import dump, snapshot_dict, to_dict
+from keepsrc.topology.diagnostics import Severity
+from keepsrc.topology.loader import check_topology
+from keepsrc.topology.model import SocketAddress, Topology
+
+
+def builtin_example() -> Path:
+    """The topology `keepsrc serve` uses when given no file (shipped inside the package)."""
+    return Path(str(resources.files("keepsrc") / "examples" / "quickstart.yaml"))
+
+
+def host_port(text: str, lowest_port: int = 1) -> SocketAddress:
+    """argparse type for HOST:PORT or [IPv6]:PORT."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not lowest_port <= int(port) <= 65535 or not host:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not HOST:PORT with a port from {lowest_port} to 65535 (e.g. 127.0.0.1:9901 or [::1]:9901)"
+        )
+    return SocketAddress(host.strip("[]"), int(port))
+
+
+def admin_host_port(text: str) -> SocketAddress:
+    """Like host_port, but port 0 lets Envoy pick a free admin port (find it with --admin-address-path)."""
+    return host_port(text, lowest_port=0)
+
+
+def _load(path: Path, quiet_warnings: bool = False) -> Topology | None:
+    """Load a topology, printing every diagnostic to stderr; None when it has errors."""
+    topology, diagnostics = check_topology(path)
+    for diagnostic in diagnostics:
+        if not (quiet_warnings and diagnostic.severity is Severity.WARNING):
+            print(diagnostic, file=sys.stderr)
+    if topology is None:
+        errors = sum(1 for d in diagnostics if d.severity is Severity.ERROR)
+        print(f"{path}: {errors} error(s); nothing rendered", file=sys.stderr)
+    return topology
+
+
+def _pick_node(topology: Topology, path: Path, node: str | None) -> str | None:
+    names = list(topology.proxies)
+    if node is None and len(names) == 1:
+        return names[0]
+    if node is None:
+        print(f"{path} has several proxies; choose one with --node: {', '.join(names)}", file=sys.stderr)
+        return None
+    if node not in topology.proxies:
+        print(f"unknown node '{node}'; proxies in {path}: {', '.join(names) or 'none'}", file=sys.stderr)
+        return None
+    return node
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    topology = _load(args.file)
+    if topology is None:
+        return 1
+    listeners = sum(len(p.listeners) for p in topology.proxies.values())
+    print(
+        f"{args.file}: ok ({len(topology.proxies)} proxies, {listeners} listeners, {len(topology.services)} services)"
+    )
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    topology = _load(args.file, quiet_warnings=True)
+    if topology is None:
+        return 1
+    if args.static:
+        node = _pick_node(topology, args.file, args.node)
+        if node is None:
+            return 2
+        sys.stdout.write(dump(to_dict(static_bootstrap(topology, node, args.admin)), args.format))
+        return 0
+    if args.node is not None and _pick_node(topology, args.file, args.node) is None:
+        return 2
+    nodes = [args.node] if args.node else list(topology.proxies)
+    rendered = [snapshot_dict(node, build_snapshot(topology, node)) for node in nodes]
+    sys.stdout.write(dump(rendered[0] if args.node else rendered, args.format))
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    bootstrap = xds_bootstrap(
+        args.node, args.xds, args.admin, XdsApi(args.api), XdsTransport(args.transport), args.cluster
+    )
+    sys.stdout.write(dump(to_dict(bootstrap), args.format))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keepsrc", description="An Envoy control plane that keeps the real client address end to end."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser("validate", help="check a topology file; errors as file:line:col")
+    validate.add_argument("file", type=Path)
+    validate.set_defaults(run=cmd_validate)
+
+    render = commands.add_parser("render", help="print a node's Envoy resources, or a static bootstrap")
+    render.add_argument("file", type=Path)
+    render.add_argument("--node", help="proxy name (Envoy node id); default: every proxy")
+    render.add_argument("--static", action="store_true", help="a complete static Envoy config for --node")
+    render.add_argument("--admin", type=admin_host_port, default=SocketAddress("127.0.0.1", 9901),
+                        help="admin address in the --static config (default 127.0.0.1:9901)")
+    render.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    render.set_defaults(run=cmd_render)
+
+    bootstrap = commands.add_parser("bootstrap", help="an Envoy bootstrap that gets its config from keepsrc")
+    bootstrap.add_argument("--node", required=True, help="the Envoy's node.id")
+    bootstrap.add_argument("--cluster", help="the Envoy's node.cluster (default: the node id); a fleet of "
+                           "Envoys with one cluster name shares the proxy entry of that name")
+    bootstrap.add_argument("--xds", type=host_port, default=SocketAddress("127.0.0.1", 18000),
+                           help="the keepsrc server (default 127.0.0.1:18000)")
+    bootstrap.add_argument("--admin", type=admin_host_port, default=SocketAddress("127.0.0.1", 9901),
+                           help="Envoy's admin address (default 127.0.0.1:9901)")
+    bootstrap.add_argument("--api", choices=[a.value for a in XdsApi], default=XdsApi.SOTW.value,
+                           help="state-of-the-world or incremental (delta) xDS (default sotw)")
+    bootstrap.add_argument("--transport", choices=[t.value for t in XdsTransport], default=XdsTransport.ADS.value,
+                           help="one aggregated stream (ads, default) or one stream per type")
+    bootstrap.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    bootstrap.set_defaults(run=cmd_bootstrap)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `keepsrc render ... | head`
+        return 0

@@ -1,0 +1,94 @@
+"""Envoy bootstrap files: one that points an Envoy at a keepsrc server, and a complete static one.
+
+Both are built as typed Bootstrap protos (so a wrong field is a Python error, not an Envoy
+start-up failure) and converted to plain dicts for YAML output.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+from keepsrc.snapshots.builder import cluster_resource, listener_resource, pack, socket_address
+from keepsrc.topology.model import Protocol, Service, SocketAddress, Topology
+
+XDS_CLUSTER = "keepsrc_xds"
+
+
+class XdsApi(StrEnum):
+    SOTW = "sotw"
+    DELTA = "delta"
+
+
+class XdsTransport(StrEnum):
+    ADS = "ads"  # one aggregated stream for every type: the ordering keepsrc pushes is kept
+    PER_TYPE = "per-type"  # one stream per type (LDS, CDS, RDS, EDS) for Envoys that do not use ADS
+
+
+def _xds_cluster(xds: SocketAddress) -> cluster_pb2.Cluster:
+    http2 = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    # gRPC needs HTTP/2 to the management server; otherwise it is an ordinary static cluster.
+    cluster = cluster_resource(Service(name=XDS_CLUSTER, endpoints=(xds,)), inline_endpoints=True)
+    cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(
+        pack(http2)
+    )
+    return cluster
+
+
+def _admin(admin: SocketAddress) -> bootstrap_pb2.Admin:
+    return bootstrap_pb2.Admin(address=socket_address(admin))
+
+
+def xds_bootstrap(
+    node_id: str,
+    xds: SocketAddress,
+    admin: SocketAddress,
+    api: XdsApi = XdsApi.SOTW,
+    transport: XdsTransport = XdsTransport.ADS,
+    node_cluster: str | None = None,
+) -> bootstrap_pb2.Bootstrap:
+    """A bootstrap whose listeners and clusters all come from the keepsrc server at `xds`."""
+    api_source = config_source_pb2.ApiConfigSource(
+        api_type=config_source_pb2.ApiConfigSource.DELTA_GRPC if api is XdsApi.DELTA
+        else config_source_pb2.ApiConfigSource.GRPC,
+        transport_api_version=config_source_pb2.V3,
+        grpc_services=[grpc_service_pb2.GrpcService(envoy_grpc={"cluster_name": XDS_CLUSTER})],
+        set_node_on_first_message_only=True,
+    )
+    if transport is XdsTransport.ADS:
+        source = config_source_pb2.ConfigSource(ads={}, resource_api_version=config_source_pb2.V3)
+        dynamic = bootstrap_pb2.Bootstrap.DynamicResources(ads_config=api_source, cds_config=source, lds_config=source)
+    else:
+        source = config_source_pb2.ConfigSource(api_config_source=api_source, resource_api_version=config_source_pb2.V3)
+        dynamic = bootstrap_pb2.Bootstrap.DynamicResources(cds_config=source, lds_config=source)
+    return bootstrap_pb2.Bootstrap(
+        node=base_pb2.Node(id=node_id, cluster=node_cluster or node_id),
+        dynamic_resources=dynamic,
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[_xds_cluster(xds)]),
+        admin=_admin(admin),
+    )
+
+
+def static_bootstrap(topology: Topology, node: str, admin: SocketAddress) -> bootstrap_pb2.Bootstrap:
+    """A complete Envoy config for one proxy, for users who run no control plane."""
+    proxy = topology.proxies[node]
+    services = dict.fromkeys(name for listener in proxy.listeners for name in listener.services())
+    return bootstrap_pb2.Bootstrap(
+        node=base_pb2.Node(id=node, cluster=node),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(
+            listeners=[
+                listener_resource(listener, inline_routes=listener.protocol is Protocol.HTTP)
+                for listener in proxy.listeners
+            ],
+            clusters=[cluster_resource(topology.services[name], inline_endpoints=True) for name in services],
+        ),
+        admin=_admin(admin),
+    )
