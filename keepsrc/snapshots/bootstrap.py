@@ -13,8 +13,8 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
-from keepsrc.snapshots.builder import cluster_resource, listener_resource, pack, socket_address
-from keepsrc.topology.model import Protocol, Service, SocketAddress, Topology
+from keepsrc.snapshots.builder import cluster_resource, listener_resource, pack, socket_address, sticky_services
+from keepsrc.topology.model import Service, SocketAddress, Topology
 
 XDS_CLUSTER = "keepsrc_xds"
 
@@ -85,7 +85,7 @@ def static_bootstrap(topology: Topology, node: str, admin: SocketAddress) -> boo
         node=base_pb2.Node(id=node, cluster=node),
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
             listeners=[
-                listener_resource(listener, inline_routes=listener.protocol is Protocol.HTTP)
+                listener_resource(listener, inline_routes=True, sticky=sticky_services(topology, listener))
                 for listener in proxy.listeners
             ],
             clusters=[cluster_resource(topology.services[name], inline_endpoints=True) for name in services],

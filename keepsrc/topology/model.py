@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
+from ipaddress import IPv4Network, IPv6Network
 from socket import AF_INET, AF_INET6, inet_pton
+
+IPNetwork = IPv4Network | IPv6Network
 
 
 def _is_ip(host: str) -> bool:
@@ -26,6 +29,7 @@ def _is_ip(host: str) -> bool:
 class Protocol(StrEnum):
     TCP = "tcp"
     HTTP = "http"
+    UDP = "udp"
 
 
 class LbPolicy(StrEnum):
@@ -39,6 +43,17 @@ class LbPolicy(StrEnum):
 class ProxyProtocolVersion(StrEnum):
     V1 = "v1"
     V2 = "v2"
+
+
+class Sticky(StrEnum):
+    CLIENT_IP = "client_ip"  # hash on the original client address: one client, one backend
+
+
+class PeerMatch(StrEnum):
+    """Which address allow_from/deny_from match."""
+
+    CLIENT = "client"  # the client as recovered by PROXY protocol / trusted X-Forwarded-For
+    DIRECT_PEER = "direct_peer"  # the TCP peer itself, e.g. the load balancer
 
 
 class Placement(StrEnum):
@@ -79,6 +94,14 @@ class Service:
     lb: LbPolicy = LbPolicy.ROUND_ROBIN
     send_proxy_protocol: ProxyProtocolVersion | None = None
     health_check: HealthCheck | None = None
+    sticky: Sticky | None = None
+
+    @property
+    def effective_lb(self) -> LbPolicy:
+        """Sticky sessions need a consistent-hash balancer; ring_hash unless maglev was chosen."""
+        if self.sticky is not None and self.lb not in (LbPolicy.RING_HASH, LbPolicy.MAGLEV):
+            return LbPolicy.RING_HASH
+        return self.lb
 
     @cached_property
     def uses_dns(self) -> bool:
@@ -125,6 +148,16 @@ class Listener:
     tls_inspector: bool = False
     original_src: OriginalSrc | None = None
     xff: Xff | None = None  # http only
+    allow_from: tuple[IPNetwork, ...] = ()  # tcp/http: only these clients (empty: everyone)
+    deny_from: tuple[IPNetwork, ...] = ()  # tcp/http: never these clients; wins over allow_from
+    match: PeerMatch = PeerMatch.CLIENT
+    access_log: str | None = None  # "stdout", "stderr" or a file path; JSON lines
+    stat_prefix: str | None = None  # default: the listener name
+    idle_timeout_ms: int | None = None  # tcp: connection idle timeout; udp: session idle timeout
+
+    @property
+    def stats_name(self) -> str:
+        return self.stat_prefix or self.name
 
     def services(self) -> tuple[str, ...]:
         """Upstream services this listener sends to, in first-use order."""

@@ -87,6 +87,8 @@ class Envoy:
         deadline = time.monotonic() + timeout
         last_error: Exception | None = None
         while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"envoy {self.name} exited {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 if predicate():
                     return
