@@ -33,7 +33,7 @@ from keepsrc.topology import (
     Xff,
 )
 from keepsrc.topology.model import PeerMatch, Sticky
-from tests.support.backends import HttpBackend, TcpBackend, proxy_v2_header
+from keepsrc.demo.backends import HttpBackend, TcpBackend, proxy_v2_header
 from tests.support.envoy import Envoy, free_port
 
 CLIENTS = [f"198.18.0.{10 + i}" for i in range(5)]

@@ -26,7 +26,7 @@ from keepsrc.topology import (
     Xff,
     load_topology,
 )
-from tests.support.backends import HttpBackend, TcpBackend, proxy_v2_header
+from keepsrc.demo.backends import HttpBackend, TcpBackend, proxy_v2_header
 from tests.support.envoy import Envoy, envoy_path, free_port
 from tests.test_golden import CASES
 

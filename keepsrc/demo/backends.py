@@ -1,4 +1,8 @@
-"""Real backends for traffic tests: they record what address (and PROXY header) they saw."""
+"""Backends that report the client address they saw, for `keepsrc demo`, tests and compose demos.
+
+    python -m keepsrc.demo.backends tcp 127.0.0.1:9000     # echo a line, prefixed with the client seen
+    python -m keepsrc.demo.backends http 127.0.0.1:8080    # answer GETs with JSON: peer + headers
+"""
 
 from __future__ import annotations
 
@@ -149,3 +153,27 @@ class HttpBackend:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m keepsrc.demo.backends")
+    parser.add_argument("kind", choices=["tcp", "http"])
+    parser.add_argument("address", help="HOST:PORT to listen on")
+    parser.add_argument("--name", default="backend")
+    args = parser.parse_args(argv)
+    host, _, port = args.address.rpartition(":")
+    host = host.strip("[]")
+    if args.kind == "tcp":
+        TcpBackend(host, int(port), args.name)
+    else:
+        HttpBackend(host, int(port), args.name)
+    print(f"{args.kind} backend {args.name} listening on {args.address}", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
