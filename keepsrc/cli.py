@@ -1,4 +1,4 @@
-"""`keepsrc` command line: validate | render | bootstrap | netplan | serve | demo."""
+"""`keepsrc` command line: validate | render | explain | bootstrap | netplan | serve | demo."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+from keepsrc.explain import explain, render_text
+from keepsrc.explain import to_json as explain_json
 from keepsrc.snapshots.bootstrap import XdsApi, XdsTransport, static_bootstrap, xds_bootstrap
 from keepsrc.snapshots.builder import build_snapshot
 from keepsrc.snapshots.render import dump, snapshot_dict, to_dict
@@ -65,11 +67,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
     topology = _load(args.file)
     if topology is None:
         return 1
+    # Valid config can still lose the client address between hops: say where, without failing.
+    for path in explain(topology):
+        for finding in path.findings:
+            print(f"{args.file}: {finding.severity}: {finding.where}: {finding.message} (fix: {finding.fix})",
+                  file=sys.stderr)
     listeners = sum(len(p.listeners) for p in topology.proxies.values())
     print(
         f"{args.file}: ok ({len(topology.proxies)} proxies, {listeners} listeners, {len(topology.services)} services)"
     )
     return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    topology = _load(args.file, quiet_warnings=True)
+    if topology is None:
+        return 2
+    try:
+        paths = explain(topology, args.start)
+    except KeyError as exc:
+        print(exc.args[0], file=sys.stderr)
+        return 2
+    sys.stdout.write(dump(explain_json(paths), "json") if args.format == "json" else render_text(paths))
+    return 1 if any(p.lost for p in paths) else 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -116,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="admin address in the --static config (default 127.0.0.1:9901)")
     render.add_argument("--format", choices=["yaml", "json"], default="yaml")
     render.set_defaults(run=cmd_render)
+
+    explain_cmd = commands.add_parser(
+        "explain", help="walk every path; show where the client address is kept or lost (exit 1 if lost)"
+    )
+    explain_cmd.add_argument("file", type=Path)
+    explain_cmd.add_argument("--from", dest="start", metavar="LISTENER",
+                             help="start at this listener (name or proxy/listener); default: every entry listener")
+    explain_cmd.add_argument("--format", choices=["text", "json"], default="text")
+    explain_cmd.set_defaults(run=cmd_explain)
 
     bootstrap = commands.add_parser("bootstrap", help="an Envoy bootstrap that gets its config from keepsrc")
     bootstrap.add_argument("--node", required=True, help="the Envoy's node.id")
