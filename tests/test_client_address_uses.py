@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from keepsrc.demo.backends import HttpBackend, TcpBackend, proxy_v2_header
 from keepsrc.snapshots.bootstrap import static_bootstrap
 from keepsrc.snapshots.render import to_dict
 from keepsrc.topology import (
@@ -33,7 +34,6 @@ from keepsrc.topology import (
     Xff,
 )
 from keepsrc.topology.model import PeerMatch, Sticky
-from keepsrc.demo.backends import HttpBackend, TcpBackend, proxy_v2_header
 from tests.support.envoy import Envoy, free_port
 
 CLIENTS = [f"198.18.0.{10 + i}" for i in range(5)]

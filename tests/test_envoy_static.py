@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from keepsrc.demo.backends import HttpBackend, TcpBackend, proxy_v2_header
 from keepsrc.snapshots.bootstrap import static_bootstrap
 from keepsrc.snapshots.render import to_dict
 from keepsrc.topology import (
@@ -26,7 +27,6 @@ from keepsrc.topology import (
     Xff,
     load_topology,
 )
-from keepsrc.demo.backends import HttpBackend, TcpBackend, proxy_v2_header
 from tests.support.envoy import Envoy, envoy_path, free_port
 from tests.test_golden import CASES
 

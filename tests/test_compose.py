@@ -1,0 +1,295 @@
+"""docker-compose.yml: the talk's four scenarios on real Envoy, HAProxy and nginx images.
+
+No Docker engine runs here, so this checks what would make `docker-compose --profile <scenario> up`
+fail or show the wrong client address: the file is valid for docker-compose, every path it mounts
+exists, every topology and node it names exists, each Envoy's bootstrap is what `keepsrc bootstrap`
+prints now, each Envoy owns its listeners' addresses, the load balancer's PROXY header lands on a
+listener that reads it, and every original_src node has NET_ADMIN and its netplan.
+
+After a change to `keepsrc bootstrap`, regenerate the bootstraps and review the diff:
+    deploy/compose/regenerate-bootstraps
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from keepsrc.cli import main
+from keepsrc.topology import Proxy, Topology, load_topology
+from tests.support.strict import require_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+BOOTSTRAPS = ROOT / "deploy/compose/bootstrap"
+REGENERATE = "deploy/compose/regenerate-bootstraps"
+SCENARIOS = ("inner-http", "external-http", "inner-tcp", "external-tcp")
+XDS_PORT = 18000
+ENVOY_ADMIN = "0.0.0.0:9901"  # must match deploy/compose/regenerate-bootstraps
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    spec: dict[str, Any]
+
+    @property
+    def image(self) -> str:
+        return str(self.spec.get("image", ""))
+
+    @property
+    def is_envoy(self) -> bool:
+        return self.image.startswith("envoyproxy/envoy:")
+
+    @property
+    def profiles(self) -> list[str]:
+        return list(self.spec.get("profiles", []))
+
+    @property
+    def command(self) -> list[str]:
+        return [str(arg) for arg in self.spec.get("command", [])]
+
+    @property
+    def ip(self) -> str | None:
+        return (self.spec.get("networks", {}).get("lab") or {}).get("ipv4_address")
+
+    @property
+    def netns_owner(self) -> str | None:
+        """The service whose network namespace this one shares (network_mode: service:NAME)."""
+        mode = str(self.spec.get("network_mode", ""))
+        return mode.removeprefix("service:") if mode.startswith("service:") else None
+
+    def mounts(self) -> dict[str, Path]:
+        """Container path -> host path of each bind mount; compose resolves ./ from the file's directory."""
+        result = {}
+        for volume in self.spec.get("volumes", []):
+            source, target = str(volume).split(":")[:2]
+            result[target] = (COMPOSE_FILE.parent / source).resolve()
+        return result
+
+    def host_path(self, container_path: str) -> Path:
+        """The host file a container path refers to, through the bind mount that contains it."""
+        for target, source in self.mounts().items():
+            if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
+                return source / Path(container_path).relative_to(target)
+        raise AssertionError(f"service {self.name}: {container_path} is inside no bind mount")
+
+    def option(self, flag: str) -> str | None:
+        return self.command[self.command.index(flag) + 1] if flag in self.command else None
+
+
+@cache
+def services() -> dict[str, Service]:
+    # PyYAML resolves the `<<: *anchor` merges exactly as docker-compose does.
+    spec = yaml.safe_load(COMPOSE_FILE.read_text())
+    return {name: Service(name, body) for name, body in spec["services"].items()}
+
+
+def in_scenario(scenario: str) -> list[Service]:
+    return [s for s in services().values() if scenario in s.profiles]
+
+
+def scenario_topology(scenario: str) -> tuple[Path, Topology]:
+    """The topology the scenario's keepsrc server serves (`keepsrc serve FILE`)."""
+    (server,) = [s for s in in_scenario(scenario) if s.command[:1] == ["serve"]]
+    assert server.name == f"keepsrc-{scenario}", "the bootstraps point Envoys at keepsrc-<scenario>"
+    path = server.host_path(server.command[1])
+    return path, load_topology(path)
+
+
+def envoy_node(service: Service) -> tuple[str, Proxy]:
+    """An Envoy service's scenario and its proxy entry, from its bootstrap's name <scenario>-<node>.yaml."""
+    (scenario,) = service.profiles
+    bootstrap = service.mounts()["/etc/envoy/envoy.yaml"]
+    node = bootstrap.stem.removeprefix(f"{scenario}-")
+    assert bootstrap.parent == BOOTSTRAPS and bootstrap.stem == f"{scenario}-{node}", (
+        f"{service.name} mounts {bootstrap}; expected {BOOTSTRAPS}/{scenario}-<node>.yaml"
+    )
+    proxies = scenario_topology(scenario)[1].proxies
+    assert node in list(proxies), f"{service.name}: no node '{node}' in examples/{scenario}.yaml"
+    return scenario, proxies[node]
+
+
+def names(predicate: Callable[[Service], bool]) -> list[str]:
+    return [s.name for s in services().values() if predicate(s)]
+
+
+ENVOYS = names(lambda s: s.is_envoy)
+HAPROXIES = names(lambda s: s.image.startswith("haproxy:"))
+
+
+def _compose(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = require_binary("docker-compose")
+    # A developer's COMPOSE_FILE / COMPOSE_PROFILES / COMPOSE_PROJECT_NAME must not change what is checked.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    return subprocess.run(
+        [binary, "-f", str(COMPOSE_FILE), *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
+
+
+@pytest.mark.parametrize("profile", [None, *SCENARIOS])
+def test_docker_compose_accepts_the_file(profile: str | None) -> None:
+    result = _compose(*(["--profile", profile] if profile else []), "config", "-q")
+    assert result.returncode == 0, f"docker-compose config rejects {COMPOSE_FILE.name}:\n{result.stderr}"
+
+
+def test_every_scenario_is_a_profile_serving_its_example() -> None:
+    used = {p for s in services().values() for p in s.profiles}
+    assert used == set(SCENARIOS), f"profiles {sorted(used)}; the scenarios are {SCENARIOS}"
+    for scenario in SCENARIOS:
+        path, _ = scenario_topology(scenario)
+        assert path == (ROOT / "examples" / f"{scenario}.yaml").resolve()  # examples/ is a symlink
+
+
+@pytest.mark.parametrize("name", list(services()))
+def test_referenced_paths_exist(name: str) -> None:
+    service = services()[name]
+    if "build" in service.spec:
+        assert (COMPOSE_FILE.parent / service.spec["build"] / "Dockerfile").is_file()
+    for target, source in service.mounts().items():
+        assert source.exists(), f"{name}: {source} (mounted at {target}) does not exist"
+
+
+@pytest.mark.parametrize("name", names(lambda s: "--node" in s.command))
+def test_netplan_nodes_exist_in_their_topology(name: str) -> None:
+    service = services()[name]
+    path = service.host_path(service.command[1])
+    proxies = load_topology(path).proxies
+    assert service.option("--node") in list(proxies), f"{name}: no node {service.option('--node')} in {path}"
+
+
+@pytest.mark.parametrize("name", ENVOYS)
+def test_envoy_bootstrap_is_what_keepsrc_prints_now(name: str) -> None:
+    scenario, proxy = envoy_node(services()[name])
+    server = f"keepsrc-{scenario}"
+    assert server in services() and scenario in services()[server].profiles, f"{name}: no xDS server {server}"
+    argv = ["bootstrap", "--node", proxy.name, "--xds", f"{server}:{XDS_PORT}", "--admin", ENVOY_ADMIN]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    bootstrap = BOOTSTRAPS / f"{scenario}-{proxy.name}.yaml"
+    assert bootstrap.read_text() == out.getvalue(), f"{bootstrap} is stale: run {REGENERATE} and review the diff"
+
+
+def test_no_unused_bootstraps() -> None:
+    used = {services()[name].mounts()["/etc/envoy/envoy.yaml"] for name in ENVOYS}
+    unused = set(BOOTSTRAPS.glob("*.yaml")) - used
+    assert not unused, f"bootstraps no Envoy in docker-compose.yml mounts: {sorted(map(str, unused))}"
+
+
+@pytest.mark.parametrize("name", ENVOYS)
+def test_envoy_owns_its_listener_addresses(name: str) -> None:
+    service = services()[name]
+    _, proxy = envoy_node(service)
+    for listener in proxy.listeners:
+        assert listener.address.host in (service.ip, "0.0.0.0"), (
+            f"{name} has {service.ip}; it could not bind listener {listener.name} on {listener.address}"
+        )
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_addresses_are_unique_within_a_scenario(scenario: str) -> None:
+    ips = [s.ip for s in in_scenario(scenario) if s.ip]
+    assert len(ips) == len(set(ips)), f"{scenario}: an address is given twice: {sorted(ips)}"
+    # Without a fixed address Docker picks one from the subnet, possibly one a later container needs.
+    loose = [s.name for s in in_scenario(scenario) if not s.ip and not s.netns_owner]
+    assert not loose, f"{scenario}: services with neither ipv4_address nor network_mode service: {loose}"
+
+
+@pytest.mark.parametrize("name", ENVOYS)
+def test_only_original_src_nodes_get_net_admin_and_a_netplan(name: str) -> None:
+    service = services()[name]
+    scenario, proxy = envoy_node(service)
+    netplans = [s for s in in_scenario(scenario) if s.netns_owner == name and s.command[:1] == ["netplan"]]
+    privileged = {
+        "NET_ADMIN": "NET_ADMIN" in service.spec.get("cap_add", []),
+        "ENVOY_UID=0": str(service.spec.get("environment", {}).get("ENVOY_UID")) == "0",
+        "route_localnet": str(service.spec.get("sysctls", {}).get("net.ipv4.conf.all.route_localnet")) == "1",
+    }
+    if not any(listener.original_src for listener in proxy.listeners):
+        # Least privilege: an Envoy that never binds a foreign address runs as the envoy user.
+        assert not any(privileged.values()) and not netplans, f"{name}: {privileged}, netplans {netplans}"
+        return
+    # IP_TRANSPARENT needs NET_ADMIN, which the Envoy image drops by switching to the envoy user
+    # unless ENVOY_UID is 0; the replies from 127.0.0.1 need route_localnet.
+    assert all(privileged.values()), f"{name} has original_src: {privileged}"
+    assert len(netplans) == 1, f"{name}: wants one `keepsrc netplan` container in its network namespace"
+    (netplan,) = netplans
+    assert netplan.host_path(netplan.command[1]) == scenario_topology(scenario)[0]
+    assert netplan.option("--node") == proxy.name and "--apply" in netplan.command, netplan.command
+    assert "NET_ADMIN" in netplan.spec.get("cap_add", []), f"{netplan.name}: iptables and ip rule need NET_ADMIN"
+
+
+@pytest.mark.parametrize("name", names(lambda s: s.spec.get("entrypoint", [])[-1:] == ["keepsrc.demo.backends"]))
+def test_backends_listen_where_the_topology_sends(name: str) -> None:
+    service = services()[name]
+    owner = services()[str(service.netns_owner)]
+    (scenario,) = service.profiles
+    _, topology = scenario_topology(scenario)
+    listen = service.command[1]
+    endpoints = {str(e) for s in topology.services.values() for e in s.endpoints}
+    assert listen in endpoints, f"{name} listens on {listen}; examples/{scenario}.yaml sends to {sorted(endpoints)}"
+    # 127.0.0.1 is the Envoy host's own loopback only when the backend shares the Envoy's netns.
+    assert owner.is_envoy, f"{name} must share an Envoy's network namespace, not {owner.name}'s"
+
+
+SERVER_LINE = re.compile(r"^\s*server\s+\S+\s+([\d.]+):(\d+)(.*)$", re.MULTILINE)
+
+
+@pytest.mark.parametrize("name", HAPROXIES)
+def test_load_balancer_proxy_header_reaches_a_reader(name: str) -> None:
+    service = services()[name]
+    (scenario,) = service.profiles
+    config = service.mounts()["/usr/local/etc/haproxy/haproxy.cfg"].read_text()
+    by_ip = {s.ip: s for s in in_scenario(scenario) if s.ip}
+    servers = SERVER_LINE.findall(config)
+    assert servers, f"{name}: no `server` lines"
+    for ip, port, options in servers:
+        assert "send-proxy-v2" in options.split(), f"{name}: {ip}:{port} should get the client in PROXY v2"
+        target = by_ip.get(ip)
+        assert target, f"{name}: no service of {scenario} has {ip}"
+        if target.is_envoy:
+            _, proxy = envoy_node(target)
+            readers = [
+                lst for lst in proxy.listeners
+                if str(lst.address) == f"{ip}:{port}" and lst.accept_proxy_protocol
+                and "v2" in lst.accept_proxy_protocol.versions
+            ]
+            assert readers, f"{name}: {target.name} has no listener on {ip}:{port} that accepts PROXY v2"
+        else:
+            conf = "\n".join(p.read_text() for p in target.mounts().values() if p.is_file())
+            assert re.search(rf"^\s*listen\s+{port}\s+proxy_protocol\s*;", conf, re.MULTILINE), (
+                f"{name}: {target.name} does not `listen {port} proxy_protocol`"
+            )
+
+
+@pytest.mark.parametrize("name", HAPROXIES)
+def test_haproxy_accepts_its_config(name: str) -> None:
+    haproxy = require_binary("haproxy")
+    config = services()[name].mounts()["/usr/local/etc/haproxy/haproxy.cfg"]
+    result = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, f"haproxy -c rejects {config}:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("name", names(lambda s: s.image.startswith("nginx:")))
+def test_nginx_accepts_its_config(name: str, tmp_path: Path) -> None:
+    nginx = require_binary("nginx")
+    conf = services()[name].mounts()["/etc/nginx/conf.d/default.conf"]
+    # The image includes conf.d/*.conf inside its http block; this wraps the file the same way.
+    main_conf = tmp_path / "nginx.conf"
+    main_conf.write_text(f"pid {tmp_path}/nginx.pid;\nerror_log stderr;\nevents {{}}\nhttp {{ include {conf}; }}\n")
+    result = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(main_conf)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, f"nginx -t rejects {conf}:\n{result.stderr}"
