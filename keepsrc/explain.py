@@ -107,7 +107,7 @@ class _Walker:
             arrival = _Arrival("PROXY protocol header from the load balancer in front", sends_proxy_protocol=True,
                                sender="the load balancer in front")
         else:
-            arrival = _Arrival("the client connects directly: it is the TCP peer")
+            arrival = _Arrival("the client connects directly: it is the peer")
         self._hop(path, proxy, listener, arrival, seen=set())
         return path
 
@@ -126,12 +126,15 @@ class _Walker:
             service = self.topology.services[service_name]
             self._check_sticky(path, where, service, known)
             outgoing = self._outgoing(path, proxy, listener, service, arrival if known else None)
+            backends = []
             for endpoint in service.endpoints:
                 target = self.index.get(endpoint)
                 if target is not None:
                     self._hop(path, target[0], target[1], outgoing, seen)
                 else:
-                    self._backend(path, where, service, endpoint, outgoing)
+                    backends.append(endpoint)
+            if backends:
+                self._backend(path, where, service, backends, outgoing)
 
     # -- what arrives, and whether the listener reads it -----------------------------------------
     def _check_acceptance(self, path: Path, where: str, listener: Listener, arrival: _Arrival) -> _Arrival:
@@ -258,7 +261,9 @@ class _Walker:
             return False
         return True
 
-    def _backend(self, path: Path, where: str, service: Service, endpoint: SocketAddress, arrival: _Arrival) -> None:
+    def _backend(self, path: Path, where: str, service: Service, endpoints: list[SocketAddress],
+                 arrival: _Arrival) -> None:
+        endpoint = ", ".join(map(str, endpoints))
         if arrival.how is None:
             path.steps.append(Step(f"{service.name} {endpoint}", f"backend sees {where}'s address, not the client's",
                                    False))
@@ -274,7 +279,7 @@ class _Walker:
         elif arrival.xff_appenders:
             reads = "the backend reads X-Forwarded-For"
         else:
-            reads = "the backend sees the client as its TCP peer"
+            reads = "the backend sees the client as its peer (TCP connection or UDP source)"
         path.steps.append(Step(f"{service.name} {endpoint}", f"{arrival.how}; {reads}", True))
 
 

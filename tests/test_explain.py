@@ -92,6 +92,14 @@ CASES: dict[str, tuple[str, Severity, str, str]] = {
                   edge_listener="original_src: {placement: gateway, upstream_interface: eth1}"),
         Severity.WARNING, "edge/in", "one upstream connection pool per client address",
     ),
+    "deny-from-after-the-address-is-lost": (
+        _topology(hop_listener="deny_from: [198.18.0.10]"),
+        Severity.LOST, "hop/inbound", "allow_from/deny_from here would match a proxy's address",
+    ),
+    "sticky-after-the-address-is-lost": (
+        _topology(app_service="sticky: client_ip"),
+        Severity.LOST, "app", "every client lands on the same backend",
+    ),
     "nothing-carries-it-to-the-backend": (
         _topology(next_service="send_proxy_protocol: v2", hop_listener="accept_proxy_protocol: true"),
         Severity.LOST, "hop/inbound", "nothing carries the client address from hop/inbound to 'app'",
