@@ -6,10 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from keepsrc.explain import explain, render_text
 from keepsrc.explain import to_json as explain_json
+from keepsrc.netplan.cli import add_netplan_arguments, run_netplan
+from keepsrc.server.cli import add_serve_arguments, run_serve
 from keepsrc.snapshots.bootstrap import XdsApi, XdsTransport, static_bootstrap, xds_bootstrap
 from keepsrc.snapshots.builder import build_snapshot
 from keepsrc.snapshots.render import dump, snapshot_dict, to_dict
@@ -31,6 +33,16 @@ def host_port(text: str, lowest_port: int = 1) -> SocketAddress:
             f"'{text}' is not HOST:PORT with a port from {lowest_port} to 65535 (e.g. 127.0.0.1:9901 or [::1]:9901)"
         )
     return SocketAddress(host.strip("[]"), int(port))
+
+
+def xds_target(text: str) -> SocketAddress | PurePosixPath:
+    """argparse type for the keepsrc server: HOST:PORT, [IPv6]:PORT or unix:/absolute/path."""
+    if text.startswith("unix:"):
+        path = PurePosixPath(text.removeprefix("unix:"))
+        if not path.is_absolute():
+            raise argparse.ArgumentTypeError(f"'{text}': a unix socket needs an absolute path (unix:/run/keepsrc.sock)")
+        return path
+    return host_port(text)
 
 
 def admin_host_port(text: str) -> SocketAddress:
@@ -150,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--node", required=True, help="the Envoy's node.id")
     bootstrap.add_argument("--cluster", help="the Envoy's node.cluster (default: the node id); a fleet of "
                            "Envoys with one cluster name shares the proxy entry of that name")
-    bootstrap.add_argument("--xds", type=host_port, default=SocketAddress("127.0.0.1", 18000),
-                           help="the keepsrc server (default 127.0.0.1:18000)")
+    bootstrap.add_argument("--xds", type=xds_target, default=SocketAddress("127.0.0.1", 18000),
+                           help="the keepsrc server: HOST:PORT or unix:/path (default 127.0.0.1:18000)")
     bootstrap.add_argument("--admin", type=admin_host_port, default=SocketAddress("127.0.0.1", 9901),
                            help="Envoy's admin address (default 127.0.0.1:9901)")
     bootstrap.add_argument("--api", choices=[a.value for a in XdsApi], default=XdsApi.SOTW.value,
@@ -160,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="one aggregated stream (ads, default) or one stream per type")
     bootstrap.add_argument("--format", choices=["yaml", "json"], default="yaml")
     bootstrap.set_defaults(run=cmd_bootstrap)
+
+    netplan = commands.add_parser("netplan", help="the host iptables/ip-rule plan original_src needs; --apply/--remove")
+    add_netplan_arguments(netplan)
+    netplan.set_defaults(run=run_netplan)
+
+    serve = commands.add_parser("serve", help="serve the topology to Envoys over gRPC ADS; reload on change")
+    add_serve_arguments(serve)
+    serve.set_defaults(run=run_serve)
     return parser
 
 

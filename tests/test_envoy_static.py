@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from keepsrc.cli import main
 from keepsrc.demo.backends import HttpBackend, TcpBackend, proxy_v2_header
 from keepsrc.snapshots.bootstrap import static_bootstrap
 from keepsrc.snapshots.render import to_dict
@@ -147,3 +148,15 @@ def test_static_envoy_keeps_client_address_over_http(traffic_setup) -> None:  # 
     # Without the PROXY header the listener (optional: false) refuses the connection.
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=5).read()
+
+
+@pytest.mark.parametrize("xds", ["127.0.0.1:18000", "keepsrc.internal:18000", "unix:/run/keepsrc/xds.sock"])
+@pytest.mark.parametrize(("api", "transport"), [("sotw", "ads"), ("delta", "ads"), ("sotw", "per-type"),
+                                                ("delta", "per-type")])
+def test_envoy_validates_every_bootstrap_flavour(tmp_path: Path, capsys: pytest.CaptureFixture[str], xds: str,
+                                                 api: str, transport: str) -> None:
+    assert main(["bootstrap", "--node", "ingress", "--cluster", "fleet", "--xds", xds, "--admin", "127.0.0.1:0",
+                 "--api", api, "--transport", transport, "--format", "json"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["node"] == {"id": "ingress", "cluster": "fleet"}
+    _envoy_check(config, tmp_path / "bootstrap.json", "validate")

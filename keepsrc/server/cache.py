@@ -1,0 +1,213 @@
+"""SnapshotCache: which Snapshot each proxy entry is served, who is watching it, and what each node ACKed.
+
+Modelled on go-control-plane's pkg/cache/v3: the cache knows nothing about gRPC. Streams register
+as watchers of the keys their Envoy may map to (node.id, then node.cluster) and are woken when a
+key's snapshot changes; they pull the new snapshot themselves and decide what to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from keepsrc.server import wire
+from keepsrc.server.per_type import REWRITTEN_TYPES, per_type_variant
+from keepsrc.snapshots.snapshot import Resource, Snapshot, content_version
+
+log = logging.getLogger("keepsrc.server")
+
+
+class Watcher(Protocol):
+    def snapshot_changed(self) -> None: ...
+
+
+def state_version(resources: Mapping[str, str]) -> str:
+    """The version of a set of resources (name -> version); equals Snapshot.version for a full type."""
+    return content_version("\n".join(f"{n}={v}" for n, v in sorted(resources.items())).encode())
+
+
+class Entry:
+    """One snapshot plus the responses already encoded from it, shared by every stream it serves.
+
+    A fleet of identical Envoys maps to one Entry, so a push to N of them encodes each response
+    once; the Entry (and its encodings) is dropped when the key gets a different snapshot.
+    """
+
+    __slots__ = ("_any", "_delta", "_sotw", "_variants", "key", "snapshot")
+
+    def __init__(self, key: str, snapshot: Snapshot) -> None:
+        self.key = key
+        self.snapshot = snapshot
+        self._variants: dict[tuple[str, str], Mapping[str, Resource]] = {}
+        self._any: dict[tuple[str, str, str], bytes] = {}
+        self._sotw: dict[object, tuple[str, bytes]] = {}
+        self._delta: dict[object, bytes] = {}
+
+    def of_type(self, type_url: str, variant: str) -> Mapping[str, Resource]:
+        """The resources of a type as a stream of `variant` sees them ("" for ADS; see per_type.py)."""
+        if not variant or type_url not in REWRITTEN_TYPES:
+            return self.snapshot.of_type(type_url)
+        resources = self._variants.get((type_url, variant))
+        if resources is None:
+            resources = self._variants[(type_url, variant)] = {
+                name: per_type_variant(resource, delta=variant == "delta")
+                for name, resource in self.snapshot.of_type(type_url).items()
+            }
+        return resources
+
+    def _any_bytes(self, resource: Resource) -> bytes:
+        key = (resource.type_url, resource.name, resource.version)
+        encoded = self._any.get(key)
+        if encoded is None:
+            any_bytes = wire.any_message(resource.type_url, resource.body)
+            encoded = self._any[key] = wire.field(wire.SOTW_RESOURCES, any_bytes)
+        return encoded
+
+    def sotw_response(self, type_url: str, cache_key: object, resources: list[Resource]) -> tuple[str, bytes]:
+        """(version, DiscoveryResponse bytes without a nonce) for `resources`, sorted by name.
+
+        `cache_key` must identify `resources` within this snapshot (the subscription), so equal
+        subscriptions share one encoding.
+        """
+        cached = self._sotw.get(cache_key)
+        if cached is None:
+            version = state_version({r.name: r.version for r in resources})
+            body = b"".join(
+                [wire.text(wire.SOTW_VERSION_INFO, version), *(self._any_bytes(r) for r in resources),
+                 wire.text(wire.SOTW_TYPE_URL, type_url)]
+            )
+            cached = self._sotw[cache_key] = (version, body)
+        return cached
+
+    def delta_resources(self, type_url: str, variant: str, resources: tuple[Resource, ...]) -> bytes:
+        """The encoded `resources` field entries of a DeltaDiscoveryResponse, plus its type_url."""
+        cache_key = (type_url, variant, tuple(r.name for r in resources))
+        cached = self._delta.get(cache_key)
+        if cached is None:
+            entries = [
+                wire.field(wire.DELTA_RESOURCES, wire.delta_resource(r.name, r.version, r.type_url, r.body))
+                for r in resources
+            ]
+            cached = self._delta[cache_key] = b"".join([*entries, wire.text(wire.DELTA_TYPE_URL, type_url)])
+        return cached
+
+
+@dataclass(frozen=True)
+class Nack:
+    version: str  # the version the node rejected
+    code: int
+    message: str
+    at: float  # time.time() when it arrived
+
+
+@dataclass
+class TypeStatus:
+    sent: str = ""  # last version sent (or, after a reconnect, reported as held)
+    acked: str = ""  # last version the node accepted: the node's actual state
+    nack: Nack | None = None  # the last rejection, cleared by a later ACK
+    responses: int = 0  # responses sent for this type, over all of the node's streams
+
+
+@dataclass
+class NodeStatus:
+    node_id: str
+    cluster: str
+    key: str | None = None  # the proxy entry serving it; None while the topology does not know it
+    streams: int = 0  # open streams
+    types: dict[str, TypeStatus] = field(default_factory=dict)
+
+    def of(self, type_url: str) -> TypeStatus:
+        status = self.types.get(type_url)
+        if status is None:
+            status = self.types[type_url] = TypeStatus()
+        return status
+
+
+class SnapshotCache:
+    """node key (a proxy name: an Envoy's node.id, else its node.cluster) -> Snapshot, with watchers.
+
+    Call set/set_all/remove from any thread; watchers are always woken on the event loop that
+    serves them.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self._watchers: dict[str, set[Watcher]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.status: dict[str, NodeStatus] = {}  # by node.id
+
+    # -- snapshots --------------------------------------------------------------------------
+    def get(self, key: str) -> Snapshot | None:
+        entry = self._entries.get(key)
+        return entry.snapshot if entry else None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def set(self, key: str, snapshot: Snapshot) -> None:
+        """Serve `snapshot` to every Envoy whose node.id (else node.cluster) is `key`."""
+        self._apply({key: snapshot}, replace_all=False)
+
+    def set_all(self, snapshots: Mapping[str, Snapshot]) -> None:
+        """Swap the whole key space at once (a topology reload): keys not given are removed."""
+        self._apply(dict(snapshots), replace_all=True)
+
+    def remove(self, key: str) -> None:
+        self._apply({key: None}, replace_all=False)
+
+    def _apply(self, changes: Mapping[str, Snapshot | None], replace_all: bool) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and _running_loop() is not loop:
+            loop.call_soon_threadsafe(self._apply, changes, replace_all)
+            return
+        if replace_all:
+            changes = {**dict.fromkeys(self._entries), **changes}
+        changed = []
+        for key, snapshot in changes.items():
+            old = self._entries.get(key)
+            if snapshot is None:
+                if old is not None:
+                    del self._entries[key]
+                    changed.append(key)
+            # Content-addressed versions: an identical rebuild keeps the old Entry and its encodings.
+            elif old is None or old.snapshot.version_info != snapshot.version_info:
+                self._entries[key] = Entry(key, snapshot)
+                changed.append(key)
+        for key in changed:
+            for watcher in list(self._watchers.get(key, ())):
+                watcher.snapshot_changed()
+
+    def resolve(self, node_id: str, node_cluster: str) -> Entry | None:
+        """The entry for a node: by node.id first, else node.cluster (a fleet of identical Envoys)."""
+        return self._entries.get(node_id) or (self._entries.get(node_cluster) if node_cluster else None)
+
+    # -- watchers (streams) -----------------------------------------------------------------
+    def watch(self, watcher: Watcher, keys: tuple[str, ...]) -> None:
+        self._loop = asyncio.get_running_loop()
+        for key in keys:
+            self._watchers.setdefault(key, set()).add(watcher)
+
+    def unwatch(self, watcher: Watcher, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            watchers = self._watchers.get(key)
+            if watchers is not None:
+                watchers.discard(watcher)
+                if not watchers:
+                    del self._watchers[key]
+
+    # -- node status ------------------------------------------------------------------------
+    def node_status(self, node_id: str, cluster: str) -> NodeStatus:
+        status = self.status.get(node_id)
+        if status is None:
+            status = self.status[node_id] = NodeStatus(node_id, cluster)
+        return status
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

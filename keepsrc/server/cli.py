@@ -1,0 +1,59 @@
+"""`keepsrc serve`: the xDS server for a topology file, with hot reload, SIGHUP and clean SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from keepsrc.server.cache import SnapshotCache
+from keepsrc.server.reload import TopologySource
+from keepsrc.server.service import start
+
+log = logging.getLogger("keepsrc.server")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("topology", nargs="?", type=Path,
+                        help="topology YAML to serve and watch (default: the built-in quickstart example)")
+    parser.add_argument("--listen", default="127.0.0.1:18000", metavar="HOST:PORT",
+                        help="address of the xDS gRPC server (default: %(default)s)")
+    parser.add_argument("--debounce-ms", type=int, default=200, metavar="MS",
+                        help="reload this long after the file's last change (default: %(default)s)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="info logs every ACK and NACK per node (default: %(default)s)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    cache = SnapshotCache()
+    source = TopologySource(cache, args.topology)
+    if not source.load():
+        return 2
+    try:
+        server = await start(cache, args.listen)
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, source)
+    watcher = asyncio.create_task(source.watch(stop, args.debounce_ms))
+    await stop.wait()
+    log.info("shutting down: closing every stream")
+    await server.stop(grace=1.0)
+    await watcher
+    return 0
+
+
+def _on_sighup(source: TopologySource) -> None:
+    log.info("SIGHUP; reloading %s", source.name)
+    source.load()

@@ -1,0 +1,129 @@
+"""Incremental (delta) xDS: per-resource versions, only what changed, removals by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest
+
+from keepsrc.server import wire
+from keepsrc.server.cache import SnapshotCache, state_version
+from keepsrc.server.stream import ALL_TYPES, REMOVAL_ORDER, WILDCARD_TYPES, Stream
+
+
+@dataclass(slots=True)
+class _Subscription:
+    wildcard: bool
+    names: set[str] = field(default_factory=set)
+    # name -> version Envoy holds, as far as we know: seeded from initial_resource_versions on a
+    # reconnect, then what it ACKed (optimistically: what we sent, undone by a NACK).
+    known: dict[str, str] = field(default_factory=dict)
+    # The last response's adds: name -> the version known before it (None: new), to undo on a NACK.
+    in_flight: dict[str, str | None] = field(default_factory=dict)
+    # name -> version the client rejected: not sent again until something of this type changes.
+    rejected: dict[str, str] = field(default_factory=dict)
+    nonce: str = ""
+    outstanding: bool = False
+    version: str = ""  # state_version(known) after the last response, for status and logs
+
+
+class DeltaStream(Stream):
+    variant_name = "delta"
+
+    def __init__(
+        self, cache: SnapshotCache, context: grpc.aio.ServicerContext, type_urls: tuple[str, ...]
+    ) -> None:
+        super().__init__(cache, context, type_urls)
+        self.subscriptions: dict[str, _Subscription] = {}
+
+    async def on_request(self, request: DeltaDiscoveryRequest) -> None:
+        type_url = request.type_url
+        subscribe = list(request.resource_names_subscribe)
+        sub = self.subscriptions.get(type_url)
+        if sub is None:
+            sub = self.subscriptions[type_url] = _Subscription(
+                wildcard=type_url in WILDCARD_TYPES and (not subscribe or "*" in subscribe)
+            )
+            if request.initial_resource_versions:
+                sub.known = dict(request.initial_resource_versions)
+                sub.version = state_version(sub.known)
+                self.record_ack(type_url, sub.version)
+        elif request.response_nonce and request.response_nonce == sub.nonce:
+            sub.outstanding = False
+            if request.HasField("error_detail"):
+                self.record_nack(type_url, sub.version, request.error_detail)
+                for name, before in sub.in_flight.items():
+                    sub.rejected[name] = sub.known[name]
+                    if before is None:
+                        del sub.known[name]
+                    else:
+                        sub.known[name] = before
+                sub.version = state_version(sub.known)
+            sub.in_flight = {}
+            if not request.HasField("error_detail"):
+                self.record_ack(type_url, sub.version)
+        # Unlike SotW, subscription changes are increments that must never be dropped, even on a
+        # request that answers an older response.
+        for name in subscribe:
+            if name == "*":
+                sub.wildcard = True
+            else:
+                sub.names.add(name)
+        for name in request.resource_names_unsubscribe:
+            if name == "*":
+                sub.wildcard = False
+            else:
+                sub.names.discard(name)
+                sub.known.pop(name, None)
+        await self._respond(type_url, sub, allow_removals=not self.removals_pending)
+        await self._finish_removals()
+
+    async def push(self) -> None:
+        removals = False
+        for type_url in ALL_TYPES:
+            sub = self.subscriptions.get(type_url)
+            if sub is not None:
+                removals |= await self._respond(type_url, sub, allow_removals=False)
+        self.removals_pending = self.removals_pending or removals
+        await self._finish_removals()
+
+    async def _finish_removals(self) -> None:
+        if not self.removals_pending or any(s.outstanding for s in self.subscriptions.values()):
+            return
+        self.removals_pending = False
+        for type_url in REMOVAL_ORDER:
+            sub = self.subscriptions.get(type_url)
+            if sub is not None:
+                await self._respond(type_url, sub, allow_removals=True)
+
+    async def _respond(self, type_url: str, sub: _Subscription, allow_removals: bool) -> bool:
+        """Send what changed for this type; True if removals were held back for later."""
+        if self.entry is None:
+            return False
+        current = self.entry.of_type(type_url, self.variant)
+        wanted = current.values() if sub.wildcard else [current[n] for n in sorted(sub.names) if n in current]
+        adds = tuple(r for r in wanted if sub.known.get(r.name) != r.version)
+        gone = [n for n in sub.known if n not in current]
+        if not adds and not gone and not sub.outstanding:
+            self.record_in_sync(type_url, sub.version)
+        if all(sub.rejected.get(r.name) == r.version for r in adds):
+            adds = ()  # only what was rejected, unchanged: wait for a change rather than loop
+        removed = gone if allow_removals else []
+        if not adds and not removed:
+            return bool(gone)
+        sub.in_flight = {r.name: sub.known.get(r.name) for r in adds}
+        for resource in adds:
+            sub.known[resource.name] = resource.version
+            sub.rejected.pop(resource.name, None)
+        for name in removed:
+            del sub.known[name]
+        sub.nonce, sub.outstanding, sub.version = wire.next_nonce(), True, state_version(sub.known)
+        self.record_sent(type_url, sub.version)
+        await self.context.write(b"".join([
+            self.entry.delta_resources(type_url, self.variant, adds),
+            *(wire.text(wire.DELTA_REMOVED, n) for n in removed),
+            wire.text(wire.DELTA_SYSTEM_VERSION, sub.version),
+            wire.text(wire.DELTA_NONCE, sub.nonce),
+        ]))
+        return bool(gone) and not allow_removals

@@ -1,0 +1,99 @@
+"""gRPC wiring: ADS (SotW and delta) and the per-type LDS/CDS/RDS/EDS services, on grpc.aio.
+
+Handlers are registered generically with an identity response serializer: streams write
+DiscoveryResponse bytes they assembled from pre-serialized resources (see wire.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
+
+from keepsrc.server.cache import SnapshotCache
+from keepsrc.server.delta import DeltaStream
+from keepsrc.server.sotw import SotwStream
+from keepsrc.server.stream import ALL_TYPES, Stream
+from keepsrc.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+log = logging.getLogger("keepsrc.server")
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+# service -> (type it carries, SotW method, delta method)
+PER_TYPE_SERVICES = {
+    "envoy.service.listener.v3.ListenerDiscoveryService": (LISTENER, "StreamListeners", "DeltaListeners"),
+    "envoy.service.cluster.v3.ClusterDiscoveryService": (CLUSTER, "StreamClusters", "DeltaClusters"),
+    "envoy.service.route.v3.RouteDiscoveryService": (ROUTE, "StreamRoutes", "DeltaRoutes"),
+    "envoy.service.endpoint.v3.EndpointDiscoveryService": (ENDPOINT, "StreamEndpoints", "DeltaEndpoints"),
+}
+
+
+def _handler(cache: SnapshotCache, stream_class: type[Stream], type_urls: tuple[str, ...],
+             request_class: type[DiscoveryRequest] | type[DeltaDiscoveryRequest]) -> grpc.RpcMethodHandler:
+    async def behavior(_requests: object, context: grpc.aio.ServicerContext) -> None:
+        await stream_class(cache, context, type_urls).run()
+
+    return grpc.stream_stream_rpc_method_handler(
+        behavior, request_deserializer=request_class.FromString, response_serializer=bytes
+    )
+
+
+def generic_handlers(cache: SnapshotCache) -> list[grpc.GenericRpcHandler]:
+    handlers = [
+        grpc.method_handlers_generic_handler(ADS_SERVICE, {
+            "StreamAggregatedResources": _handler(cache, SotwStream, ALL_TYPES, DiscoveryRequest),
+            "DeltaAggregatedResources": _handler(cache, DeltaStream, ALL_TYPES, DeltaDiscoveryRequest),
+        })
+    ]
+    for service, (type_url, sotw, delta) in PER_TYPE_SERVICES.items():
+        handlers.append(grpc.method_handlers_generic_handler(service, {
+            sotw: _handler(cache, SotwStream, (type_url,), DiscoveryRequest),
+            delta: _handler(cache, DeltaStream, (type_url,), DeltaDiscoveryRequest),
+        }))
+    return handlers
+
+
+class XdsServer:
+    """A running xDS server; `port` is the bound port (useful with address 'host:0')."""
+
+    def __init__(self, server: grpc.aio.Server, port: int) -> None:
+        self.server = server
+        self.port = port
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Close every stream (Envoys keep their config and reconnect elsewhere or later)."""
+        await self.server.stop(grace)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start(cache: SnapshotCache, address: str) -> XdsServer:
+    """Start serving `cache` on `address` ('host:port'); raises OSError if it cannot bind."""
+    server = grpc.aio.server(options=[
+        # Without this a second server on the same port binds happily and steals half the Envoys.
+        ("grpc.so_reuseport", 0),
+        # Envoys hold one stream for days; let idle connections stay, but notice dead peers.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ])
+    server.add_generic_rpc_handlers(generic_handlers(cache))
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
+    await server.start()
+    host = address.rsplit(":", 1)[0]
+    log.info("xDS server listening on %s:%d (ADS and per-type, SotW and delta)", host, port)
+    return XdsServer(server, port)
+
+
+async def serve(cache: SnapshotCache, address: str) -> None:
+    """Serve `cache` on `address` until cancelled; for meshes that embed keepsrc."""
+    server = await start(cache, address)
+    try:
+        await server.wait()
+    finally:
+        await asyncio.shield(server.stop())

@@ -1,0 +1,110 @@
+"""State-of-the-world xDS: every response carries the full set of one type (or of the asked names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+
+from keepsrc.server import wire
+from keepsrc.server.cache import SnapshotCache
+from keepsrc.server.stream import ALL_TYPES, REMOVAL_ORDER, WILDCARD_TYPES, Stream
+from keepsrc.snapshots.snapshot import Resource
+
+
+@dataclass(slots=True)
+class _Subscription:
+    wildcard: bool
+    names: frozenset[str] = frozenset()
+    nonce: str = ""  # of the last response; an ACK or NACK must echo it
+    outstanding: bool = False  # the last response is not answered yet
+    version: str = ""  # version of the last response (or the one Envoy reported holding)
+    held: dict[str, Resource] = field(default_factory=dict)  # what that response carried
+
+
+class SotwStream(Stream):
+    variant_name = "sotw"
+
+    def __init__(
+        self, cache: SnapshotCache, context: grpc.aio.ServicerContext, type_urls: tuple[str, ...]
+    ) -> None:
+        super().__init__(cache, context, type_urls)
+        self.subscriptions: dict[str, _Subscription] = {}
+
+    async def on_request(self, request: DiscoveryRequest) -> None:
+        type_url = request.type_url
+        sub = self.subscriptions.get(type_url)
+        names = frozenset(request.resource_names)
+        if sub is None:
+            wildcard = type_url in WILDCARD_TYPES and (not names or "*" in names)
+            sub = self.subscriptions[type_url] = _Subscription(wildcard, names - {"*"})
+            if request.version_info:
+                # A reconnect (to us or a restarted server): Envoy already holds this version.
+                # Versions are content hashes, so if ours is the same there is nothing to send.
+                sub.version = request.version_info
+                self.record_ack(type_url, request.version_info)
+        elif request.response_nonce != sub.nonce:
+            return  # answers an older response; Envoy will answer the newer one (xDS spec)
+        else:
+            sub.outstanding = False
+            if request.HasField("error_detail"):
+                # Keep sub.version at the rejected version: it is not sent again until it changes.
+                self.record_nack(type_url, sub.version, request.error_detail)
+            else:
+                self.record_ack(type_url, request.version_info)
+            if not sub.wildcard:
+                sub.names = names
+        await self._respond(type_url, sub, keep_removed=self.removals_pending)
+        await self._finish_removals()
+
+    async def push(self) -> None:
+        removals = False
+        for type_url in ALL_TYPES:
+            sub = self.subscriptions.get(type_url)
+            if sub is not None:
+                removals |= await self._respond(type_url, sub, keep_removed=True)
+        self.removals_pending = self.removals_pending or removals
+        await self._finish_removals()
+
+    async def _finish_removals(self) -> None:
+        """Once every response of the push is answered, send the sets without the removed resources."""
+        if not self.removals_pending or any(s.outstanding for s in self.subscriptions.values()):
+            return
+        self.removals_pending = False
+        for type_url in REMOVAL_ORDER:
+            sub = self.subscriptions.get(type_url)
+            if sub is not None:
+                await self._respond(type_url, sub, keep_removed=False)
+
+    async def _respond(self, type_url: str, sub: _Subscription, keep_removed: bool) -> bool:
+        """Send this type if its content differs from the last response; True if removals were held back."""
+        if self.entry is None:
+            return False
+        current = self.entry.of_type(type_url, self.variant)
+        held_back = False
+        if sub.wildcard:
+            removed = {n: r for n, r in sub.held.items() if n not in current}
+            if removed and keep_removed:
+                # Make before break: keep what is going away until the replacements are in place.
+                held_back = True
+                resources = sorted([*current.values(), *removed.values()], key=lambda r: r.name)
+                cache_key: object = (type_url, self.variant, frozenset((n, r.version) for n, r in removed.items()))
+            else:
+                resources = list(current.values())
+                cache_key = (type_url, self.variant)
+        else:
+            resources = [current[n] for n in sorted(sub.names) if n in current]
+            if not resources:
+                # Nothing asked exists (yet), or Envoy unsubscribed all: an empty response would
+                # remove nothing in SotW, and before the first one Envoy should wait, not get [].
+                return False
+            cache_key = (type_url, self.variant, sub.names)
+        version, body = self.entry.sotw_response(type_url, cache_key, resources)
+        if version == sub.version:
+            return held_back
+        sub.nonce, sub.outstanding, sub.version = wire.next_nonce(), True, version
+        sub.held = {r.name: r for r in resources}
+        self.record_sent(type_url, version)
+        await self.context.write(body + wire.text(wire.SOTW_NONCE, sub.nonce))
+        return held_back
