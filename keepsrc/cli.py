@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
+from keepsrc.demo.cli import add_demo_arguments, run_demo
 from keepsrc.explain import explain, render_text
 from keepsrc.explain import to_json as explain_json
 from keepsrc.netplan.cli import add_netplan_arguments, run_netplan
@@ -180,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the topology to Envoys over gRPC ADS; reload on change")
     add_serve_arguments(serve)
     serve.set_defaults(run=run_serve)
+
+    demo = commands.add_parser("demo", help="run the talk's scenarios on real Envoys; print what backends saw")
+    add_demo_arguments(demo)
+    demo.set_defaults(run=run_demo)
     return parser
 
 

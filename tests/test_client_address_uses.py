@@ -36,7 +36,9 @@ from keepsrc.topology import (
 from keepsrc.topology.model import PeerMatch, Sticky
 from tests.support.envoy import Envoy, free_port
 
-CLIENTS = [f"198.18.0.{10 + i}" for i in range(5)]
+# Backends listen on random ports, so the hash ring differs from run to run; with 12 clients the
+# chance that all land on one of 3 backends by luck (3 ** -11) is negligible.
+CLIENTS = [f"198.18.0.{10 + i}" for i in range(12)]
 DENIED = "198.18.0.10"
 
 
@@ -80,6 +82,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         _listener("http-xff", Protocol.HTTP, routes=(Route("/", "http-sticky"),), deny_from=deny,
                   xff=Xff(use_remote_address=True, trusted_hops=1)),
         _listener("tcp-sticky", Protocol.TCP, service="tcp-sticky", accept_proxy_protocol=pp),
+        _listener("http-external", Protocol.HTTP, routes=(Route("/", "http-sticky"),), xff=Xff()),
+        _listener("http-internal", Protocol.HTTP, routes=(Route("/", "http-sticky"),),
+                  xff=Xff(internal_cidrs=(ip_network("127.0.0.0/8"),))),
     ]
     topology = Topology(services=services, proxies={"edge": Proxy("edge", tuple(listeners))})
     envoy = Envoy(to_dict(static_bootstrap(topology, "edge", SocketAddress("127.0.0.1", 0))), tmp).start()
@@ -180,6 +185,17 @@ def test_sticky_http_follows_the_trusted_xff_client(setup: Setup) -> None:
     }
     assert all(len(backends) == 1 for backends in landed.values()), landed
     assert len({next(iter(b)) for b in landed.values()}) > 1, f"every client on one backend: {landed}"
+
+
+def test_loopback_peers_are_external_unless_internal_cidrs_say_otherwise(setup: Setup) -> None:
+    """Envoy 1.40 counts no peer as internal by default, loopback included: it names the client in
+    x-envoy-external-address. xff.internal_cidrs makes the same peer internal."""
+    _, external = _http("", setup.ports["http-external"], "x-envoy-external-address: 198.18.9.9\r\n")
+    assert external["headers"]["x-envoy-external-address"] == "127.0.0.1"  # type: ignore[index]
+    assert "x-envoy-internal" not in external["headers"]  # type: ignore[operator]
+    _, internal = _http("", setup.ports["http-internal"])
+    assert internal["headers"]["x-envoy-internal"] == "true"  # type: ignore[index]
+    assert "x-envoy-external-address" not in internal["headers"]  # type: ignore[operator]
 
 
 def test_access_log_shows_client_and_direct_peer(setup: Setup) -> None:

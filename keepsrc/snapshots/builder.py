@@ -262,6 +262,8 @@ def _http_connection_manager(
         hcm.use_remote_address.CopyFrom(wrappers_pb2.BoolValue(value=listener.xff.use_remote_address))
         hcm.skip_xff_append = listener.xff.skip_append
         hcm.xff_num_trusted_hops = listener.xff.trusted_hops
+        if listener.xff.internal_cidrs:
+            hcm.internal_address_config.cidr_ranges.extend(_cidr(n) for n in listener.xff.internal_cidrs)
     return hcm
 
 

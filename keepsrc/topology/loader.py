@@ -709,10 +709,12 @@ class _Checker:
         return target
 
     def xff(self, node: Node, path: str) -> Xff | None:
-        keys = self.mapping(node, path, ["use_remote_address", "trusted_hops", "skip_append"])
+        keys = self.mapping(node, path, ["use_remote_address", "trusted_hops", "skip_append", "internal_cidrs"])
         if keys is None:
             return None
         values: dict[str, Any] = {}
+        if "internal_cidrs" in keys:
+            values["internal_cidrs"] = self.networks(keys["internal_cidrs"][1], f"{path}.internal_cidrs")
         if "use_remote_address" in keys:
             remote = keys["use_remote_address"][1]
             values["use_remote_address"] = self.boolean(remote, f"{path}.use_remote_address")

@@ -129,6 +129,9 @@ class Xff:
     use_remote_address: bool = True
     trusted_hops: int = 0
     skip_append: bool = False
+    # Peers Envoy counts as internal (x-envoy-internal, no x-envoy-external-address). Envoy 1.40
+    # counts no one, loopback and RFC 1918 included, unless told.
+    internal_cidrs: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,479 @@
+"""The talk's four scenarios, for real: a keepsrc server, Envoys, HAProxy, nginx and backends that
+report the client address they saw. `keepsrc demo` prints the rows; the tests assert them.
+
+Every scenario deploys a topology from examples/ (or a variant of it, edited in plain sight
+by `_edit`) onto the hosts of a Network, sends traffic from the client host and reads back what
+the backend saw. Negative rows run the same path without keepsrc's settings and expect the
+proxy's address, so a broken mechanism cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from keepsrc.demo.envoy import Envoy
+from keepsrc.demo.hosts import Host, Network
+from keepsrc.snapshots.bootstrap import xds_bootstrap
+from keepsrc.snapshots.render import to_dict
+from keepsrc.topology import SocketAddress, load_topology
+
+CLIENT, CLIENT2, CLIENT6 = "198.18.0.10", "198.18.0.11", "2001:db8::10"
+LB, LB6 = "198.18.1.2", "2001:db8::1:2"
+INGRESS, SVC_A, SVC_B, SVC_B6 = "198.18.2.2", "198.18.3.2", "198.18.4.2", "2001:db8::4:2"
+FORGED = "198.18.9.9"  # what a client claims in its own X-Forwarded-For header
+REFUSED = "refused"
+
+
+@dataclass
+class Row:
+    scenario: str
+    path: str
+    seen: str
+    expected: str
+
+    @property
+    def passed(self) -> bool:
+        return self.seen == self.expected
+
+
+@dataclass
+class Skip:
+    scenario: str
+    reason: str
+
+
+def example(name: str) -> str:
+    return resources.files("keepsrc").joinpath(f"examples/{name}").read_text(encoding="utf-8")
+
+
+def _edit(text: str, *replacements: tuple[str, str]) -> str:
+    """A variant of an example; every replaced snippet must be there, so variants cannot rot."""
+    for old, new in replacements:
+        if old not in text:
+            raise ValueError(f"variant edit: {old!r} not found in the example")
+        text = text.replace(old, new)
+    return text
+
+
+# Run inside the client host: one TCP exchange, printing the reply (or "refused").
+TCP_CLIENT = r"""
+import socket, sys
+from keepsrc.demo.backends import proxy_v2_header
+src, host, port, payload = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
+if sys.argv[5]:  # play the load balancer: a PROXY v2 header naming this client first
+    payload = proxy_v2_header(sys.argv[5], host, 40000, port) + payload
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+s.settimeout(8)
+try:
+    if src:
+        s.bind((src, 0))
+    s.connect((host, port))
+    s.sendall(payload)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+except OSError:
+    data = b""
+print(data.decode(errors="replace") or "refused")
+"""
+
+WAIT_PORT = r"""
+import socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 15
+while time.monotonic() < deadline:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.05)
+sys.exit(1)
+"""
+
+HAPROXY_CFG = """global
+    log stdout format raw local0 info
+defaults
+    mode tcp
+    log global
+    option tcplog
+    timeout connect 3s
+    timeout client 15s
+    timeout server 15s
+{frontends}
+"""
+
+
+def _haproxy_frontend(name: str, binds: list[str], target: str, send_proxy: str) -> str:
+    bind_lines = "\n".join(f"    bind {b}" for b in binds)
+    return f"frontend {name}\n{bind_lines}\n    default_backend {name}-be\nbackend {name}-be\n" \
+           f"    server next {target} {send_proxy}\n"
+
+
+NGINX_CONF = """daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {dir}/nginx-access.log;
+    client_body_temp_path {dir};
+    proxy_temp_path {dir};
+    fastcgi_temp_path {dir};
+    uwsgi_temp_path {dir};
+    scgi_temp_path {dir};
+    log_format pp '$proxy_protocol_addr $remote_addr "$request"';
+    server {{
+        listen {listen} proxy_protocol;
+        access_log {dir}/nginx-pp.log pp;
+        location / {{ return 200 "$proxy_protocol_addr $remote_addr\\n"; }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Deployment:
+    """What runs for one scenario; `stop()` ends all of it (and removes any netplan applied)."""
+
+    demo: Demo
+    name: str
+    envoys: list[Envoy] = field(default_factory=list)
+    processes: list[subprocess.Popen[Any]] = field(default_factory=list)
+    netplans: list[tuple[Host, Path, str]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for envoy in self.envoys:
+            envoy.stop()
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+        for host, path, node in self.netplans:
+            host.run(sys.executable, "-m", "keepsrc.netplan", str(path), "--node", node, "--remove", check=False)
+
+
+class Demo:
+    def __init__(self, network: Network, workdir: Path, progress: Callable[[str], None] = lambda _: None) -> None:
+        self.network = network
+        self.workdir = workdir
+        self.progress = progress
+
+    # -- deploying ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def deploy(self, name: str, topology_text: str, backends: list[tuple[str, str, str]] = (),  # type: ignore[assignment]
+               haproxy: list[tuple[list[str], str, str]] = (),  # type: ignore[assignment]
+               nginx: str | None = None) -> Iterator[Deployment]:
+        """Serve `topology_text` and start every proxy in it on the host of the same name.
+
+        backends: (host, kind, address) run as `python -m keepsrc.demo.backends`;
+        haproxy: (binds, target, "send-proxy-v2" | "send-proxy" | "") frontends on the lb host;
+        nginx: an address on svc-b where nginx accepts PROXY protocol.
+        """
+        deployment = Deployment(self, name)
+        try:
+            self._start(deployment, name, self.network.translate(topology_text), backends, haproxy, nginx)
+            yield deployment
+        finally:
+            deployment.stop()
+
+    def _start(self, deployment: Deployment, name: str, text: str, backends: list[tuple[str, str, str]],
+               haproxy: list[tuple[list[str], str, str]], nginx: str | None) -> None:
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(text)
+        topology = load_topology(path)
+        socket_path = self.workdir / f"{name}.sock"
+        socket_path.unlink(missing_ok=True)
+        server_log = (self.workdir / f"{name}.server.log").open("w")
+        deployment.processes.append(subprocess.Popen(
+            [sys.executable, "-m", "keepsrc", "serve", str(path), "--listen", f"unix:{socket_path}"],
+            stdout=server_log, stderr=subprocess.STDOUT,
+        ))
+        _wait(socket_path.exists, 15, f"keepsrc serve on {socket_path}")
+        for node, proxy in topology.proxies.items():
+            host = self.network.host(node)
+            for kind, address in ((b[1], b[2]) for b in backends if b[0] == node):
+                self._backend(deployment, host, kind, self.network.translate(address))
+            self.progress(f"  starting Envoy {node}")
+            bootstrap = to_dict(xds_bootstrap(node, PurePosixPath(socket_path), SocketAddress("127.0.0.1", 0)))
+            envoy = Envoy(bootstrap, self.workdir, name=f"{name}-{node}", netns=self.network.netns_of(node))
+            deployment.envoys.append(envoy)
+            envoy.start()
+            envoy.wait_ready(timeout=30)
+            if any(listener.original_src is not None for listener in proxy.listeners):
+                host.run(sys.executable, "-m", "keepsrc.netplan", str(path), "--node", node, "--apply")
+                deployment.netplans.append((host, path, node))
+        if nginx is not None:
+            self._nginx(deployment, self.network.translate(nginx))
+        if haproxy:
+            self._haproxy(deployment, name, haproxy)
+
+    def _backend(self, deployment: Deployment, host: Host, kind: str, address: str) -> None:
+        deployment.processes.append(host.popen(
+            [sys.executable, "-m", "keepsrc.demo.backends", kind, address, "--name", f"{kind}@{address}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+        self._wait_port(host, address)
+
+    def _wait_port(self, host: Host, address: str) -> None:
+        ip, _, port = address.rpartition(":")
+        if host.run(sys.executable, "-c", WAIT_PORT, ip.strip("[]"), port, check=False).returncode != 0:
+            raise RuntimeError(f"nothing listens on {address} on host {host.name}")
+
+    def _haproxy(self, deployment: Deployment, name: str, frontends: list[tuple[list[str], str, str]]) -> None:
+        haproxy = shutil.which("haproxy")
+        if haproxy is None:
+            raise RuntimeError("haproxy is not installed (scripts/setup installs it as root)")
+        text = HAPROXY_CFG.format(frontends="\n".join(
+            _haproxy_frontend(f"fe{i}", binds, target, send)
+            for i, (binds, target, send) in enumerate(frontends)
+        ))
+        config = self.workdir / f"{name}.haproxy.cfg"
+        config.write_text(self.network.translate(text))
+        host = self.network.host("lb")
+        deployment.processes.append(host.popen([haproxy, "-f", str(config), "-db"],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for binds, _, _ in frontends:
+            for bind in binds:
+                self._wait_port(host, self.network.translate(bind))
+
+    def _nginx(self, deployment: Deployment, listen: str) -> None:
+        nginx = shutil.which("nginx") or (Path("/usr/sbin/nginx") if Path("/usr/sbin/nginx").exists() else None)
+        if nginx is None:
+            raise RuntimeError("nginx is not installed (scripts/setup installs it as root)")
+        directory = self.workdir / "nginx"
+        directory.mkdir(exist_ok=True)
+        config = directory / "nginx.conf"
+        config.write_text(NGINX_CONF.format(dir=directory, listen=listen))
+        host = self.network.host("svc-b")
+        deployment.processes.append(host.popen([str(nginx), "-c", str(config), "-p", str(directory)],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self._wait_port(host, listen)
+
+    # -- traffic --------------------------------------------------------------------------------
+    def tcp(self, address: str, payload: str = "hello\n", source: str = "", proxy_header_for: str = "") -> str:
+        """One TCP exchange from the client host; the reply text, or 'refused'. With
+        `proxy_header_for`, the client sends a PROXY v2 header naming that address first."""
+        address = self.network.translate(address)
+        ip, _, port = address.rpartition(":")
+        source = self.network.translate(source) if self.network.netns else ""
+        result = self.network.host("client").run(sys.executable, "-c", TCP_CLIENT, source, ip.strip("[]"), port,
+                                                 payload, proxy_header_for, check=False)
+        return result.stdout.replace("\r\n", "\n").strip() or REFUSED  # HTTP's CRLF, normalised
+
+    def tcp_seen(self, address: str, source: str = "", proxy_header_for: str = "") -> str:
+        """The client a keepsrc.demo TCP backend saw ('backend:NAME client:IP ...')."""
+        reply = self.tcp(address, "hello\n", source, proxy_header_for)
+        return self._untranslate(reply.split()[1].removeprefix("client:")) if reply.startswith("backend:") \
+            else reply
+
+    def http(self, address: str, headers: dict[str, str] | None = None, source: str = "",
+             proxy_header_for: str = "") -> dict[str, Any] | str:
+        lines = ["GET / HTTP/1.1", "Host: demo", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        reply = self.tcp(address, "\r\n".join(lines) + "\r\n\r\n", source, proxy_header_for)
+        head, _, body = reply.partition("\n\n")
+        if not head.startswith("HTTP/1.1 200"):
+            return head.split("\n")[0] if head != REFUSED else REFUSED
+        return json.loads(body)
+
+    def xff_client(self, address: str, trusted: int, headers: dict[str, str] | None = None,
+                   source: str = "", proxy_header_for: str = "") -> str:
+        """The client as the backend reads it from X-Forwarded-For, skipping `trusted` proxies."""
+        reply = self.http(address, headers, source, proxy_header_for)
+        if isinstance(reply, str):
+            return reply
+        entries = [e.strip() for e in reply["headers"].get("x-forwarded-for", "").split(",") if e.strip()]
+        return self._untranslate(entries[-1 - trusted]) if len(entries) > trusted else "no X-Forwarded-For"
+
+    def _untranslate(self, address: str) -> str:
+        """Show loopback-mode addresses as the plan's (127.18.X.Y -> 198.18.X.Y)."""
+        if not self.network.netns and address.startswith("127.18."):
+            return "198.18." + address.removeprefix("127.18.")
+        return address
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- the scenarios ---------------------------------------------------------------------------------
+def inner_http(demo: Demo) -> list[Row]:
+    name = "1 inner HTTP"
+    path = "client -> svc-a Envoy -> svc-b Envoy -> backend (X-Forwarded-For)"
+    text = example("inner-http.yaml")
+    backends = [("svc-b", "http", "127.0.0.1:8080")]
+    rows = []
+    with demo.deploy("inner-http", text, backends):
+        rows.append(Row(name, path, demo.xff_client(f"{SVC_A}:15001", trusted=1), CLIENT))
+        forged = demo.xff_client(f"{SVC_A}:15001", trusted=1, headers={"X-Forwarded-For": FORGED})
+        rows.append(Row(name, "  client forges X-Forwarded-For: not believed", forged, CLIENT))
+        reply = demo.http(f"{SVC_A}:15001")
+        external = reply["headers"].get("x-envoy-external-address", "-") if isinstance(reply, dict) else reply
+        rows.append(Row(name, "  svc-b's verdict (x-envoy-external-address)", demo._untranslate(external), CLIENT))
+    without = _edit(text, ("xff: {use_remote_address: true, trusted_hops: 0}\n", "\n"))
+    with demo.deploy("inner-http-without", without, backends):
+        rows.append(Row(name, "  negative: svc-a without xff -> the proxy's address",
+                        demo.xff_client(f"{SVC_A}:15001", trusted=0), SVC_A))
+    return rows
+
+
+def external_http(demo: Demo) -> list[Row]:
+    name = "2 external HTTP"
+    text = example("external-http.yaml")
+    backends = [("svc-b", "http", "127.0.0.1:8080")]
+    rows = []
+    lb = [([f"{LB}:8000"], f"{INGRESS}:8000", "send-proxy-v2")]
+    with demo.deploy("external-http", text, backends, haproxy=lb):
+        rows.append(Row(name, "client -> HAProxy (PROXY v2) -> ingress -> svc-b -> backend",
+                        demo.xff_client(f"{LB}:8000", trusted=1), CLIENT))
+        rows.append(Row(name, "  no PROXY header to a listener that requires one", demo.tcp(f"{INGRESS}:8000",
+                        "GET / HTTP/1.1\r\nHost: x\r\n\r\n"), REFUSED))
+    optional = _edit(text, ("accept_proxy_protocol: {versions: [v1, v2]}",
+                            "accept_proxy_protocol: {versions: [v1, v2], optional: true}"))
+    with demo.deploy("external-http-optional", optional, backends):
+        rows.append(Row(name, "  optional: true accepts a client without a header",
+                        demo.xff_client(f"{INGRESS}:8000", trusted=1), CLIENT))
+    l3 = _edit(text, ("        accept_proxy_protocol: {versions: [v1, v2]}\n", ""))
+    with demo.deploy("external-http-l3", l3, backends):
+        rows.append(Row(name, "client -> (L3 load balancer) ingress -> svc-b -> backend, XFF only",
+                        demo.xff_client(f"{INGRESS}:8000", trusted=1), CLIENT))
+    with demo.deploy("external-http-without", l3, backends, haproxy=[([f"{LB}:8000"], f"{INGRESS}:8000", "")]):
+        rows.append(Row(name, "  negative: HAProxy without PROXY protocol -> HAProxy's address",
+                        demo.xff_client(f"{LB}:8000", trusted=1), LB))
+    return rows
+
+
+def inner_tcp(demo: Demo) -> list[Row]:
+    name = "3 inner TCP"
+    text = example("inner-tcp.yaml")
+    backends = [("svc-b", "tcp", "127.0.0.1:9000")]
+    rows = []
+    with demo.deploy("inner-tcp", text, backends):
+        rows.append(Row(name, "client -> svc-b Envoy (original_src + netplan) -> TCP backend",
+                        demo.tcp_seen(f"{SVC_B}:15006"), CLIENT))
+    without = _edit(text, ("        original_src: {mark: 1337, placement: local}\n", ""))
+    with demo.deploy("inner-tcp-without", without, backends):
+        rows.append(Row(name, "  negative: without original_src -> Envoy's address",
+                        demo.tcp_seen(f"{SVC_B}:15006"), "127.0.0.1"))
+    return rows
+
+
+def external_tcp(demo: Demo) -> list[Row]:
+    name = "4 external TCP"
+    text = example("external-tcp.yaml")
+    backends = [("svc-b", "tcp", "127.0.0.1:9000")]
+    lb_v2 = [([f"{LB}:9000", f"[{LB6}]:9000"], f"{INGRESS}:9000", "send-proxy-v2")]
+    rows = []
+    with demo.deploy("external-tcp", text, backends, haproxy=lb_v2):
+        rows.append(Row(name, "client -> HAProxy (v2) -> ingress (v2) -> svc-b (original_src) -> backend",
+                        demo.tcp_seen(f"{LB}:9000"), CLIENT))
+        with _concurrently() as run:
+            first = run(lambda: demo.tcp_seen(f"{LB}:9000", source=CLIENT))
+            second = run(lambda: demo.tcp_seen(f"{LB}:9000", source=CLIENT2))
+        rows.append(Row(name, "  two clients at once: the first", first(), CLIENT))
+        rows.append(Row(name, "  two clients at once: the second", second(), CLIENT2))
+    v1 = _edit(text, ("        accept_proxy_protocol: {versions: [v2]}\n",
+                      "        accept_proxy_protocol: {versions: [v1]}\n"),
+               ("    send_proxy_protocol: v2\n", "    send_proxy_protocol: v1\n"))
+    with demo.deploy("external-tcp-v1", v1, backends, haproxy=[([f"{LB}:9000"], f"{INGRESS}:9000", "send-proxy")]):
+        rows.append(Row(name, "  PROXY v1 on both hops", demo.tcp_seen(f"{LB}:9000"), CLIENT))
+    v6 = _edit(text, ('    endpoints: ["127.0.0.1:9000"]', f'    endpoints: ["[{SVC_B6}]:9000"]'))
+    with demo.deploy("external-tcp-ipv6", v6, [("svc-b", "tcp", f"[{SVC_B6}]:9000")], haproxy=lb_v2):
+        rows.append(Row(name, "  IPv6 client", demo.tcp_seen(f"[{LB6}]:9000"), CLIENT6))
+    pp_backend = _edit(text, ("        original_src: {mark: 1337, placement: local}\n", ""),
+                       ('    endpoints: ["127.0.0.1:9000"]', '    endpoints: ["127.0.0.1:8081"]\n'
+                                                              "    send_proxy_protocol: v2"))
+    with demo.deploy("external-tcp-nginx", pp_backend, [], haproxy=lb_v2, nginx="127.0.0.1:8081"):
+        reply = demo.tcp(f"{LB}:9000", "GET / HTTP/1.0\r\nHost: demo\r\n\r\n")
+        seen = reply.partition("\n\n")[2].split()[0] if "\n\n" in reply else reply
+        rows.append(Row(name, "  backend speaks PROXY protocol (nginx $proxy_protocol_addr)", seen, CLIENT))
+    plain = _edit(text, ("        accept_proxy_protocol: true\n", ""), ("    send_proxy_protocol: v2\n", ""),
+                  ("    health_check: {interval: 5s, timeout: 1s}\n", ""),
+                  ("        accept_proxy_protocol: {versions: [v2]}\n", ""),
+                  ("        original_src: {mark: 1337, placement: local}\n", ""))
+    with demo.deploy("external-tcp-without", plain, backends,
+                     haproxy=[([f"{LB}:9000"], f"{INGRESS}:9000", "")]):
+        rows.append(Row(name, "  negative: no keepsrc settings -> svc-b Envoy's address",
+                        demo.tcp_seen(f"{LB}:9000"), "127.0.0.1"))
+    return rows
+
+
+@contextlib.contextmanager
+def _concurrently() -> Iterator[Callable[[Callable[[], str]], Callable[[], str]]]:
+    """Start calls in threads; each returns a getter for its result, valid after the block."""
+    import threading
+
+    threads: list[threading.Thread] = []
+
+    def run(call: Callable[[], str]) -> Callable[[], str]:
+        result: list[str] = []
+        thread = threading.Thread(target=lambda: result.append(call()))
+        thread.start()
+        threads.append(thread)
+        return lambda: result[0] if result else "no result"
+
+    yield run
+    for thread in threads:
+        thread.join(timeout=30)
+
+
+# -- without root: loopback only ------------------------------------------------------------------
+# Envoy writes its own address into X-Forwarded-For for a loopback peer, so on loopback the client
+# plays the load balancer and names itself (198.18.0.10) in a PROXY v2 header.
+def external_http_loopback(demo: Demo) -> list[Row]:
+    name = "2 external HTTP"
+    with demo.deploy("external-http", example("external-http.yaml"), [("svc-b", "http", "127.0.0.1:8080")]):
+        return [
+            Row(name, "client (PROXY v2 header) -> ingress -> svc-b -> backend",
+                demo.xff_client(f"{INGRESS}:8000", trusted=1, proxy_header_for=CLIENT), CLIENT),
+            Row(name, "  no PROXY header to a listener that requires one",
+                demo.tcp(f"{INGRESS}:8000", "GET / HTTP/1.1\r\nHost: x\r\n\r\n"), REFUSED),
+        ]
+
+
+def external_tcp_loopback(demo: Demo) -> list[Row]:
+    name = "4 external TCP"
+    text = _edit(example("external-tcp.yaml"), ("        original_src: {mark: 1337, placement: local}\n", ""),
+                 ('    endpoints: ["127.0.0.1:9000"]',
+                  '    endpoints: ["127.0.0.1:9000"]\n    send_proxy_protocol: v2'))
+    with demo.deploy("external-tcp-pp", text, [("svc-b", "tcp", "127.0.0.1:9000")]):
+        return [Row(name, "client (PROXY v2) -> ingress (v2) -> svc-b (v2) -> backend reading PROXY protocol",
+                    demo.tcp_seen(f"{INGRESS}:9000", proxy_header_for=CLIENT), CLIENT)]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    run: Callable[[Demo], list[Row]]
+    needs: tuple[str, ...] = ()  # binaries
+    loopback: Callable[[Demo], list[Row]] | None = None  # what runs without namespaces, if anything
+    why_netns: str = ""  # why it needs namespaces, when it has no loopback version
+
+
+SCENARIOS = (
+    Scenario("1 inner HTTP", inner_http,
+             why_netns="Envoy writes its own address into X-Forwarded-For for a loopback client; "
+                       "a real client address needs namespaces (run as root)"),
+    Scenario("2 external HTTP", external_http, needs=("haproxy",), loopback=external_http_loopback),
+    Scenario("3 inner TCP", inner_tcp, needs=("iptables",),
+             why_netns="original_src needs root: network namespaces, CAP_NET_ADMIN and iptables"),
+    Scenario("4 external TCP", external_tcp, needs=("haproxy", "nginx", "iptables"), loopback=external_tcp_loopback),
+)
