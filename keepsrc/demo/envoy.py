@@ -63,6 +63,7 @@ class Envoy:
         # JSON is YAML too, and json handles the OrderedDicts that MessageToDict returns.
         self.config_path.write_text(json.dumps(bootstrap, indent=1))
         self.log_path = workdir / f"{name}.log"
+        self.stdout_path = workdir / f"{name}.stdout"  # where `access_log: stdout` lines land
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Envoy:
@@ -72,7 +73,8 @@ class Envoy:
         ]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with self.stdout_path.open("wb") as stdout:
+            self.proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -122,6 +124,11 @@ class Envoy:
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Envoy's /ready answers LIVE once its initial xDS (or static) config is in place."""
         self.wait_until(lambda: self.admin("/ready").strip() == "LIVE", timeout, "LIVE")
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """The JSON access-log lines Envoy wrote to stdout so far."""
+        text = self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -245,9 +245,11 @@ class Demo:
         host = self.network.host("lb")
         deployment.processes.append(host.popen([haproxy, "-f", str(config), "-db"],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for binds, _, _ in frontends:
-            for bind in binds:
-                self._wait_port(host, self.network.translate(bind))
+        # Wait for the listening sockets (ss), not with a test connection: HAProxy would forward it
+        # with a PROXY header naming itself, and it would show up in the Envoys' access logs.
+        ports = {bind.rpartition(":")[2] for binds, _, _ in frontends for bind in binds}
+        _wait(lambda: all(host.run("ss", "-Hltn", f"sport = :{p}", check=False).stdout.strip() for p in ports),
+              15, f"HAProxy listening on {', '.join(sorted(ports))}")
 
     def _nginx(self, deployment: Deployment, listen: str) -> None:
         nginx = shutil.which("nginx") or (Path("/usr/sbin/nginx") if Path("/usr/sbin/nginx").exists() else None)
@@ -298,6 +300,23 @@ class Demo:
         entries = [e.strip() for e in reply["headers"].get("x-forwarded-for", "").split(",") if e.strip()]
         return self._untranslate(entries[-1 - trusted]) if len(entries) > trusted else "no X-Forwarded-For"
 
+    def access_log_row(self, scenario: str, deployment: Deployment, clients: set[str]) -> Row:
+        """Every hop's access log names only the real clients (not a load balancer or proxy)."""
+        def logged() -> dict[str, set[str]]:
+            return {
+                envoy.name.removeprefix(f"{deployment.name}-"): {
+                    self._untranslate(entry["client"].rpartition(":")[0].strip("[]")) for entry in envoy.access_log()
+                }
+                for envoy in deployment.envoys
+            }
+        with contextlib.suppress(TimeoutError):  # Envoy flushes access logs about once a second
+            _wait(lambda: all(logged().values()), 10, "access logs")
+        wrong = {name: sorted(seen - clients) or ["no entries"] for name, seen in logged().items()
+                 if not seen or seen - clients}
+        seen_text = "only the clients" if not wrong else "; ".join(f"{n}: {', '.join(v)}" for n, v in wrong.items())
+        return Row(scenario, f"  access log of every hop ({len(deployment.envoys)} Envoys) names the client",
+                   seen_text, "only the clients")
+
     def _untranslate(self, address: str) -> str:
         """Show loopback-mode addresses as the plan's (127.18.X.Y -> 198.18.X.Y)."""
         if not self.network.netns and address.startswith("127.18."):
@@ -321,13 +340,14 @@ def inner_http(demo: Demo) -> list[Row]:
     text = example("inner-http.yaml")
     backends = [("svc-b", "http", "127.0.0.1:8080")]
     rows = []
-    with demo.deploy("inner-http", text, backends):
+    with demo.deploy("inner-http", text, backends) as deployment:
         rows.append(Row(name, path, demo.xff_client(f"{SVC_A}:15001", trusted=1), CLIENT))
         forged = demo.xff_client(f"{SVC_A}:15001", trusted=1, headers={"X-Forwarded-For": FORGED})
         rows.append(Row(name, "  client forges X-Forwarded-For: not believed", forged, CLIENT))
         reply = demo.http(f"{SVC_A}:15001")
         external = reply["headers"].get("x-envoy-external-address", "-") if isinstance(reply, dict) else reply
         rows.append(Row(name, "  svc-b's verdict (x-envoy-external-address)", demo._untranslate(external), CLIENT))
+        rows.append(demo.access_log_row(name, deployment, {CLIENT}))
     without = _edit(text, ("xff: {use_remote_address: true, trusted_hops: 0}\n", "\n"))
     with demo.deploy("inner-http-without", without, backends):
         rows.append(Row(name, "  negative: svc-a without xff -> the proxy's address",
@@ -341,9 +361,10 @@ def external_http(demo: Demo) -> list[Row]:
     backends = [("svc-b", "http", "127.0.0.1:8080")]
     rows = []
     lb = [([f"{LB}:8000"], f"{INGRESS}:8000", "send-proxy-v2")]
-    with demo.deploy("external-http", text, backends, haproxy=lb):
+    with demo.deploy("external-http", text, backends, haproxy=lb) as deployment:
         rows.append(Row(name, "client -> HAProxy (PROXY v2) -> ingress -> svc-b -> backend",
                         demo.xff_client(f"{LB}:8000", trusted=1), CLIENT))
+        rows.append(demo.access_log_row(name, deployment, {CLIENT}))
         rows.append(Row(name, "  no PROXY header to a listener that requires one", demo.tcp(f"{INGRESS}:8000",
                         "GET / HTTP/1.1\r\nHost: x\r\n\r\n"), REFUSED))
     optional = _edit(text, ("accept_proxy_protocol: {versions: [v1, v2]}",
@@ -366,9 +387,10 @@ def inner_tcp(demo: Demo) -> list[Row]:
     text = example("inner-tcp.yaml")
     backends = [("svc-b", "tcp", "127.0.0.1:9000")]
     rows = []
-    with demo.deploy("inner-tcp", text, backends):
+    with demo.deploy("inner-tcp", text, backends) as deployment:
         rows.append(Row(name, "client -> svc-b Envoy (original_src + netplan) -> TCP backend",
                         demo.tcp_seen(f"{SVC_B}:15006"), CLIENT))
+        rows.append(demo.access_log_row(name, deployment, {CLIENT}))
     without = _edit(text, ("        original_src: {mark: 1337, placement: local}\n", ""))
     with demo.deploy("inner-tcp-without", without, backends):
         rows.append(Row(name, "  negative: without original_src -> Envoy's address",
@@ -382,7 +404,7 @@ def external_tcp(demo: Demo) -> list[Row]:
     backends = [("svc-b", "tcp", "127.0.0.1:9000")]
     lb_v2 = [([f"{LB}:9000", f"[{LB6}]:9000"], f"{INGRESS}:9000", "send-proxy-v2")]
     rows = []
-    with demo.deploy("external-tcp", text, backends, haproxy=lb_v2):
+    with demo.deploy("external-tcp", text, backends, haproxy=lb_v2) as deployment:
         rows.append(Row(name, "client -> HAProxy (v2) -> ingress (v2) -> svc-b (original_src) -> backend",
                         demo.tcp_seen(f"{LB}:9000"), CLIENT))
         with _concurrently() as run:
@@ -390,6 +412,7 @@ def external_tcp(demo: Demo) -> list[Row]:
             second = run(lambda: demo.tcp_seen(f"{LB}:9000", source=CLIENT2))
         rows.append(Row(name, "  two clients at once: the first", first(), CLIENT))
         rows.append(Row(name, "  two clients at once: the second", second(), CLIENT2))
+        rows.append(demo.access_log_row(name, deployment, {CLIENT, CLIENT2}))
     v1 = _edit(text, ("        accept_proxy_protocol: {versions: [v2]}\n",
                       "        accept_proxy_protocol: {versions: [v1]}\n"),
                ("    send_proxy_protocol: v2\n", "    send_proxy_protocol: v1\n"))

@@ -21,8 +21,25 @@ _Dumper.add_representer(OrderedDict, lambda d, data: d.represent_dict(data.items
 _Dumper.add_representer(dict, lambda d, data: d.represent_dict(data.items()))
 
 
+# Map fields (a Struct's keys) come out of upb in hash order, which differs between processes;
+# sorting them keeps renders and golden files stable. Only access-log formats are Structs here.
+MAP_FIELDS = frozenset({"json_format"})
+
+
+def _sort_maps(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: dict(sorted(item.items())) if key in MAP_FIELDS and isinstance(item, dict) else _sort_maps(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_sort_maps(item) for item in value]
+    return value
+
+
 def to_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    result: dict[str, Any] = _sort_maps(json_format.MessageToDict(message, preserving_proto_field_name=True))
+    return result
 
 
 def dump(data: Any, fmt: str = "yaml") -> str:
