@@ -55,7 +55,8 @@ def test_loopback_mode_runs_what_loopback_allows(tmp_path: Path) -> None:
     finally:
         network.close()
     assert rows and all(r.passed for r in rows), render_table(rows, skips)
-    assert {s.scenario for s in skips} == {"1 inner HTTP", "3 inner TCP"}
+    assert {s.scenario for s in skips} == {"1 inner HTTP", "3 inner TCP", "5 deny by client IP",
+                                           "6 sticky by client IP"}
     assert all(s.reason for s in skips)
 
 

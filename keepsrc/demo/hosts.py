@@ -14,7 +14,7 @@ from keepsrc.demo.netns import Lab, NetNs
 
 # The address plan of the examples and of docker-compose.yml: one /16, one address per host.
 HOSTS: dict[str, tuple[str, ...]] = {
-    "client": ("198.18.0.10", "198.18.0.11", "2001:db8::10"),
+    "client": ("198.18.0.10", "198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.14", "2001:db8::10"),
     "lb": ("198.18.1.2", "2001:db8::1:2"),
     "ingress": ("198.18.2.2", "2001:db8::2:2"),
     "svc-a": ("198.18.3.2", "2001:db8::3:2"),

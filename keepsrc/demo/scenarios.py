@@ -28,6 +28,7 @@ from keepsrc.snapshots.render import to_dict
 from keepsrc.topology import SocketAddress, load_topology
 
 CLIENT, CLIENT2, CLIENT6 = "198.18.0.10", "198.18.0.11", "2001:db8::10"
+CLIENTS = tuple(f"198.18.0.{n}" for n in range(10, 15))
 LB, LB6 = "198.18.1.2", "2001:db8::1:2"
 INGRESS, SVC_A, SVC_B, SVC_B6 = "198.18.2.2", "198.18.3.2", "198.18.4.2", "2001:db8::4:2"
 FORGED = "198.18.9.9"  # what a client claims in its own X-Forwarded-For header
@@ -149,6 +150,10 @@ class Deployment:
     envoys: list[Envoy] = field(default_factory=list)
     processes: list[subprocess.Popen[Any]] = field(default_factory=list)
     netplans: list[tuple[Host, Path, str]] = field(default_factory=list)
+    topology_path: Path | None = None  # the file `keepsrc serve` watches: edit it to push a change
+
+    def envoy(self, node: str) -> Envoy:
+        return next(e for e in self.envoys if e.name == f"{self.name}-{node}")
 
     def stop(self) -> None:
         for envoy in self.envoys:
@@ -193,6 +198,7 @@ class Demo:
                haproxy: list[tuple[list[str], str, str]], nginx: str | None) -> None:
         path = self.workdir / f"{name}.yaml"
         path.write_text(text)
+        deployment.topology_path = path
         topology = load_topology(path)
         socket_path = self.workdir / f"{name}.sock"
         socket_path.unlink(missing_ok=True)
@@ -202,10 +208,10 @@ class Demo:
             stdout=server_log, stderr=subprocess.STDOUT,
         ))
         _wait(socket_path.exists, 15, f"keepsrc serve on {socket_path}")
+        for host_name, kind, address in backends:
+            self._backend(deployment, self.network.host(host_name), kind, self.network.translate(address))
         for node, proxy in topology.proxies.items():
             host = self.network.host(node)
-            for kind, address in ((b[1], b[2]) for b in backends if b[0] == node):
-                self._backend(deployment, host, kind, self.network.translate(address))
             self.progress(f"  starting Envoy {node}")
             bootstrap = to_dict(xds_bootstrap(node, PurePosixPath(socket_path), SocketAddress("127.0.0.1", 0)))
             envoy = Envoy(bootstrap, self.workdir, name=f"{name}-{node}", netns=self.network.netns_of(node))
@@ -439,6 +445,77 @@ def external_tcp(demo: Demo) -> list[Row]:
     return rows
 
 
+def allow_deny(demo: Demo) -> list[Row]:
+    name = "5 deny by client IP"
+    text = example("client-ip-policies.yaml")
+    backends = [("svc-b", "tcp", f"{SVC_B}:9001"), ("svc-b", "http", f"{SVC_B}:8081")]
+    lb = [([f"{LB}:9000"], f"{INGRESS}:9000", "send-proxy-v2"), ([f"{LB}:8000"], f"{INGRESS}:8000", "send-proxy-v2")]
+    rows = []
+    only_first = _edit(text, ('["198.18.4.2:9001", "198.18.4.2:9002", "198.18.4.2:9003"]', '["198.18.4.2:9001"]'))
+    with demo.deploy("policies", only_first, backends, haproxy=lb) as deployment:
+        rows.append(Row(name, "deny_from 198.18.0.10, TCP via HAProxy: that client",
+                        demo.tcp_seen(f"{LB}:9000", source=CLIENT), REFUSED))
+        rows.append(Row(name, "  ... another client behind the same HAProxy",
+                        demo.tcp_seen(f"{LB}:9000", source=CLIENT2), CLIENT2))
+        denied = demo.http(f"{LB}:8000", source=CLIENT)
+        rows.append(Row(name, "  HTTP: that client", denied if isinstance(denied, str) else "200",
+                        "HTTP/1.1 403 Forbidden"))
+        rows.append(Row(name, "  HTTP: another client", demo.xff_client(f"{LB}:8000", 0, source=CLIENT2), CLIENT2))
+        rbac_denied = deployment.envoy("ingress").stat("guarded-tcp.rbac.denied")
+        rows.append(Row(name, "  stats: guarded-tcp.rbac.denied", str(rbac_denied), "1"))
+        rows.append(demo.access_log_row(name, deployment, {CLIENT, CLIENT2}))
+    without = _edit(only_first, ("        service: echo\n        accept_proxy_protocol: true\n        deny_from",
+                                 "        service: echo\n        deny_from"),
+                    ('    send_proxy_protocol: v2\n', ''))
+    with demo.deploy("policies-without", without, backends,
+                     haproxy=[([f"{LB}:9000"], f"{INGRESS}:9000", "")]):
+        rows.append(Row(name, "  negative: no PROXY hop, the rule sees HAProxy: 198.18.0.10 gets in",
+                        "in" if demo.tcp(f"{LB}:9000", source=CLIENT).startswith("backend:") else REFUSED, "in"))
+    return rows
+
+
+def sticky(demo: Demo) -> list[Row]:
+    name = "6 sticky by client IP"
+    text = example("client-ip-policies.yaml")
+    backends = [("svc-b", "tcp", f"{SVC_B}:{port}") for port in (9001, 9002, 9003)]
+    lb = [([f"{LB}:9100"], f"{INGRESS}:9100", "send-proxy-v2")]
+
+    def landings() -> dict[str, set[str]]:
+        return {client: {demo.tcp(f"{LB}:9100", source=client).split()[0] for _ in range(20)} for client in CLIENTS}
+
+    rows = []
+    with demo.deploy("sticky", text, backends, haproxy=lb) as deployment:
+        before = landings()
+        moved_around = {c: b for c, b in before.items() if len(b) != 1}
+        rows.append(Row(name, "5 clients x 20 connections via HAProxy: each always on one backend",
+                        "yes" if not moved_around else f"no: {moved_around}", "yes"))
+        used = {next(iter(b)) for b in before.values() if len(b) == 1}
+        rows.append(Row(name, "  ... and the clients spread over the backends",
+                        f"{len(used)} backends" if len(used) > 1 else "all on one", f"{len(used)} backends"
+                        if len(used) > 1 else "more than one"))
+        # Remove the busiest backend from the topology; keepsrc pushes the new endpoints.
+        busiest = max(used, key=lambda b: sum(1 for v in before.values() if v == {b}))
+        address = busiest.removeprefix("backend:tcp@")
+        assert deployment.topology_path is not None
+        served = deployment.topology_path.read_text()
+        edited = served.replace(f'"{address}", ', "").replace(f', "{address}"', "")
+        deployment.topology_path.write_text(edited)
+        ingress = deployment.envoy("ingress")
+        ingress.wait_until(lambda: address not in ingress.admin("/clusters"), 15, f"{address} to leave EDS")
+        after = landings()
+        stayed = all(after[c] == b for c, b in before.items() if b != {busiest})
+        moved = all(after[c] != {busiest} and len(after[c]) == 1 for c, b in before.items() if b == {busiest})
+        rows.append(Row(name, f"  remove {address} from the topology: only its clients move",
+                        "yes" if stayed and moved else f"no: before {before}, after {after}", "yes"))
+    sticky_line = "    sticky: client_ip      # ring_hash on the client's address: one client, one backend\n"
+    round_robin = _edit(text, (sticky_line, ""))
+    with demo.deploy("sticky-without", round_robin, backends, haproxy=lb):
+        spread = landings()
+        rows.append(Row(name, "  negative: without sticky, a client's connections spread over backends",
+                        "spread" if all(len(b) > 1 for b in spread.values()) else f"not spread: {spread}", "spread"))
+    return rows
+
+
 @contextlib.contextmanager
 def _concurrently() -> Iterator[Callable[[Callable[[], str]], Callable[[], str]]]:
     """Start calls in threads; each returns a getter for its result, valid after the block."""
@@ -499,4 +576,8 @@ SCENARIOS = (
     Scenario("3 inner TCP", inner_tcp, needs=("iptables",),
              why_netns="original_src needs root: network namespaces, CAP_NET_ADMIN and iptables"),
     Scenario("4 external TCP", external_tcp, needs=("haproxy", "nginx", "iptables"), loopback=external_tcp_loopback),
+    Scenario("5 deny by client IP", allow_deny, needs=("haproxy",),
+             why_netns="needs several client addresses behind HAProxy: network namespaces (run as root)"),
+    Scenario("6 sticky by client IP", sticky, needs=("haproxy",),
+             why_netns="needs several client addresses behind HAProxy: network namespaces (run as root)"),
 )
