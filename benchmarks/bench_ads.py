@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -81,6 +83,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+async def keep_running(client: XdsClient, state: dict[str, Any]) -> None:
+    """Reconnect a failed stream after a jittered backoff, as Envoy does."""
+    for _ in range(20):
+        try:
+            await client.run()
+            return
+        except grpc.aio.AioRpcError:
+            state["reconnects"] += 1
+            await asyncio.sleep(0.2 + random.random())
+
+
 async def run_size(n: int, changes: int, delta: bool, per_connection: int, workdir: Path) -> dict[str, float]:
     path = workdir / f"topology-{n}.yaml"
     path.write_text(topology(8080))
@@ -100,7 +113,7 @@ async def run_size(n: int, changes: int, delta: bool, per_connection: int, workd
         await asyncio.sleep(0.5)
         rss_before = rss_kb(server.pid)
 
-        state = {"expected": expected_endpoint_version(path.read_text()), "done": 0, "last": 0.0}
+        state = {"expected": expected_endpoint_version(path.read_text()), "done": 0, "last": 0.0, "reconnects": 0}
         all_done = asyncio.Event()
 
         def on_ack(client: XdsClient, type_url: str) -> None:
@@ -117,12 +130,8 @@ async def run_size(n: int, changes: int, delta: bool, per_connection: int, workd
             clients.append(XdsClient(channels[-1], f"edge-{i}", "edge", delta=delta, on_ack=on_ack,
                                      keep_history=False))
         started = time.monotonic()
-        for i, client in enumerate(clients):
-            tasks.append(asyncio.create_task(client.run()))
-            if i % 100 == 99:
-                # Envoys reconnect with jittered backoff; thousands of calls opened in the same
-                # millisecond make this Python client's gRPC core fail some of them (INTERNAL).
-                await asyncio.sleep(0.02)
+        # All at once, like a fleet reconnecting to a restarted server.
+        tasks = [asyncio.create_task(keep_running(client, state)) for client in clients]
         await asyncio.wait_for(all_done.wait(), 300)
         connect_s = time.monotonic() - started
         await asyncio.sleep(1.0)  # let the server settle (and collect) before measuring idle RSS
@@ -148,6 +157,7 @@ async def run_size(n: int, changes: int, delta: bool, per_connection: int, workd
             "rss_per_stream_kb": (rss_idle - rss_before) / n,
             "rss_idle_mb": rss_idle / 1024,
             "cpu_per_push_s": statistics.median(cpu),
+            "reconnects": state["reconnects"],
         }
     finally:
         for task in tasks:
@@ -175,12 +185,13 @@ async def main() -> None:
     print(f"{'delta' if args.delta else 'SotW'} ADS, {args.streams_per_connection} streams per connection, "
           f"{args.changes} changes per size, {os.cpu_count()} CPUs")
     print(f"{'streams':>8} {'connect s':>10} {'median ms':>10} {'p99 ms':>8} {'KB/stream':>10} "
-          f"{'idle RSS MB':>12} {'CPU s/push':>11}")
+          f"{'idle RSS MB':>12} {'CPU s/push':>11} {'reconnects':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(s) for s in args.streams.split(",")):
             r = await run_size(n, args.changes, args.delta, args.streams_per_connection, Path(tmp))
             print(f"{n:>8} {r['connect_s']:>10.2f} {r['median_ms']:>10.0f} {r['p99_ms']:>8.0f} "
-                  f"{r['rss_per_stream_kb']:>10.1f} {r['rss_idle_mb']:>12.1f} {r['cpu_per_push_s']:>11.3f}",
+                  f"{r['rss_per_stream_kb']:>10.1f} {r['rss_idle_mb']:>12.1f} {r['cpu_per_push_s']:>11.3f} "
+                  f"{r['reconnects']:>11}",
                   flush=True)
 
 

@@ -105,6 +105,57 @@ ip -6 route add local default dev lo table 133 protocol 107
 """  # noqa: E501
 
 
+SIP_UDP_PLAN = """\
+# keepsrc netplan for node 'svc-b' (sip-udp.yaml)
+# mark 1337 (0x539), table 133, placement local: the upstream app runs in this network namespace (listeners: sip-trunk)
+#   udp: Envoy's udp_proxy sets no mark; its datagrams are recognised by their client source and the upstream (127.0.0.1:5070): re-apply when those change
+#   udp: the upstream can send first (e.g. a SIP BYE) only while conntrack keeps the session: raise net.netfilter.nf_conntrack_udp_timeout{,_stream} (30s/120s) above the longest silence
+# `keepsrc netplan --apply` applies this idempotently; `--remove` undoes it exactly.
+
+# IPv4 mangle table: iptables-restore --noflush
+*mangle
+:KEEPSRC-PREROUTING - [0:0]
+:KEEPSRC-OUTPUT - [0:0]
+-A KEEPSRC-PREROUTING ! -i lo -d 127.0.0.0/8 -m comment --comment "keepsrc: route_localnet is on; keep 127/8 unreachable from the network" -j DROP
+-A KEEPSRC-OUTPUT -d 127.0.0.1/32 -p udp -m udp --dport 5070 -m addrtype ! --src-type LOCAL -m comment --comment "keepsrc: Envoy's udp datagram from a client's address (udp_proxy sets no mark); mark 1337 the session" -j CONNMARK --set-xmark 0x539/0xffffffff
+-A KEEPSRC-OUTPUT -p udp -m connmark --mark 0x539 -m comment --comment "keepsrc: local upstream's reply datagram; table 133 returns it to Envoy" -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-I PREROUTING 1 -m comment --comment keepsrc -j KEEPSRC-PREROUTING
+-I OUTPUT 1 -m comment --comment keepsrc -j KEEPSRC-OUTPUT
+COMMIT
+
+# IPv6 mangle table: ip6tables-restore --noflush
+*mangle
+:KEEPSRC-PREROUTING - [0:0]
+:KEEPSRC-OUTPUT - [0:0]
+-I PREROUTING 1 -m comment --comment keepsrc -j KEEPSRC-PREROUTING
+-I OUTPUT 1 -m comment --comment keepsrc -j KEEPSRC-OUTPUT
+COMMIT
+
+# policy routing: marked replies -> table -> lo (protocol 107 tags keepsrc's own)
+ip -4 rule add fwmark 0x539 lookup 133 protocol 107
+ip -6 rule add fwmark 0x539 lookup 133 protocol 107
+ip -4 route add local default dev lo table 133 protocol 107
+ip -6 route add local default dev lo table 133 protocol 107
+
+# an upstream on 127/8 replies from a loopback source to a remote address; allow that routing
+sysctl -w net.ipv4.conf.all.route_localnet=1
+"""  # noqa: E501
+
+UDP_GATEWAY_YAML = """\
+apiVersion: keepsrc/v1
+services:
+  sip: {endpoints: ["198.18.2.2:5060", "[2001:db8:2::2]:5060"]}
+  app: {endpoints: ["198.18.2.2:9000"]}
+proxies:
+  gateway:
+    listeners:
+      - {name: sip, address: 198.18.1.2:5060, protocol: udp, service: sip,
+         original_src: {placement: gateway, upstream_interface: eth1}}
+      - {name: in, address: 198.18.1.2:15006, protocol: tcp, service: app,
+         original_src: {placement: gateway, upstream_interface: eth1}}
+"""
+
+
 def _write(tmp_path: Path, text: str, name: str = "topology.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text)
@@ -131,6 +182,31 @@ def test_external_tcp_backend_envoy_gets_the_same_local_plan() -> None:
 def test_gateway_plan_saves_in_output_restores_on_the_upstream_interface(tmp_path: Path) -> None:
     plan = plan_for(load_topology(_write(tmp_path, GATEWAY_YAML)), "gateway")
     assert render(plan, "gateway.yaml") == GATEWAY_PLAN
+
+
+def test_sip_udp_plan_marks_envoys_datagrams_by_their_upstream() -> None:
+    # udp_proxy sets no SO_MARK: the first OUTPUT rule sets the connection's mark itself, from
+    # a non-local source towards the SIP server; the second hands it to the server's replies.
+    plan = plan_for(load_topology(EXAMPLES / "sip-udp.yaml"), "svc-b")
+    assert render(plan, "sip-udp.yaml") == SIP_UDP_PLAN
+
+
+def test_udp_gateway_plan_restores_on_the_upstream_interface_per_family(tmp_path: Path) -> None:
+    plan = plan_for(load_topology(_write(tmp_path, UDP_GATEWAY_YAML)), "gateway")
+    [mark_set] = plan.mark_sets  # the tcp and the udp listener share mark, table and interface
+    assert mark_set.listeners == ("sip", "in") and mark_set.tcp
+    assert [str(u) for u in mark_set.udp_upstreams] == ["198.18.2.2:5060", "[2001:db8:2::2]:5060"]
+    for mangle, udp_destination in ((plan.mangle4, "-d 198.18.2.2/32 "), (plan.mangle6, "-d 2001:db8:2::2/128 ")):
+        chains = dict(mangle.chains)
+        [tcp_save, udp_mark] = chains["KEEPSRC-OUTPUT"]
+        assert tcp_save.startswith("-p tcp -m mark --mark 0x539 ") and "--save-mark" in tcp_save
+        assert udp_mark.startswith(f"{udp_destination}-p udp -m udp --dport 5060 -m addrtype ! --src-type LOCAL ")
+        assert udp_mark.endswith(" -j CONNMARK --set-xmark 0x539/0xffffffff")
+        [tcp_restore, udp_restore] = chains["KEEPSRC-PREROUTING"]
+        assert tcp_restore.startswith("-i eth1 -p tcp -m connmark --mark 0x539 ")
+        assert udp_restore.startswith("-i eth1 -p udp -m connmark --mark 0x539 ") and "--restore-mark" in udp_restore
+    assert {r.iif for r in plan.rules} == {"eth1"}
+    assert not plan.sysctls
 
 
 def test_cli_prints_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -204,10 +280,16 @@ def test_refuses_a_mark_shared_by_local_and_gateway_listeners(tmp_path: Path) ->
     assert "'inbound' (local) and 'out' (gateway) share mark 1337" in message
 
 
-def test_refuses_udp_original_src(tmp_path: Path) -> None:
-    path = _write(tmp_path, HEADER + LISTENER.format(protocol="udp", osrc="{placement: local}"))
-    with pytest.raises(PlanError, match="listener 'inbound' is udp"):
+def test_refuses_udp_original_src_to_a_dns_upstream(tmp_path: Path) -> None:
+    # The udp rules match Envoy's datagrams by the upstream's address: a name cannot be matched.
+    path = _write(tmp_path, HEADER.replace('"127.0.0.1:9000"', '"sip.example.com:5060"')
+                  + LISTENER.format(protocol="udp", osrc="{placement: local}"))
+    with pytest.raises(PlanError) as caught:
         plan_for(load_topology(path), "svc")
+    [(key, message)] = caught.value.problems
+    assert key == "services.app.endpoints[0]"
+    assert "listener 'inbound' is udp with original_src" in message
+    assert "'sip.example.com' is a DNS name" in message
 
 
 def test_unknown_node_lists_the_proxies(capsys: pytest.CaptureFixture[str]) -> None:
@@ -271,6 +353,34 @@ def test_apply_twice_leaves_one_copy_and_remove_restores_a_fresh_namespace(
         assert _count(applied[rules], r"fwmark 0x539 .*lookup 133 proto 107$") == 1
     for routes in ("ip route", "ip -6 route"):
         assert _count(applied[routes], r"^local default dev lo table 133 proto 107\b") == 1
+    assert applied["route_localnet"] == ("1" if localnet else "0")
+
+    _netplan(host, path, node, "--remove")
+    assert _state(host) == before
+    assert _netplan(host, path, node, "--remove").strip() == "keepsrc netplan: already removed; nothing changed"
+
+
+@pytest.mark.parametrize("placement", ["local", "gateway"])
+def test_udp_apply_twice_leaves_one_copy_and_remove_restores_a_fresh_namespace(
+        host: NetNs, tmp_path: Path, placement: str) -> None:
+    if placement == "local":  # the SIP server on 127.0.0.1 beside Envoy: route_localnet too
+        path, node, chain, localnet = EXAMPLES / "sip-udp.yaml", "svc-b", "KEEPSRC-OUTPUT", True
+    else:
+        path, node, chain, localnet = _write(tmp_path, UDP_GATEWAY_YAML), "gateway", "KEEPSRC-PREROUTING", False
+    before = _state(host)
+    _netplan(host, path, node, "--apply")
+    assert _netplan(host, path, node, "--apply").strip() == "keepsrc netplan: already applied; nothing changed"
+    applied = _state(host)
+    families = ("iptables-save", "ip6tables-save") if placement == "gateway" else ("iptables-save",)
+    for save in families:
+        assert _count(applied[save], r"^-A KEEPSRC-OUTPUT .*-p udp -m udp --dport \d+ -m addrtype ! --src-type LOCAL"
+                                     r" .*-j CONNMARK --set-xmark 0x539/0xffffffff$") == 1
+        assert _count(applied[save], rf"^-A {chain} .*-p udp -m connmark --mark 0x539 .*--restore-mark") == 1
+        assert _count(applied[save], r"^-A OUTPUT -m comment --comment keepsrc -j KEEPSRC-OUTPUT$") == 1
+    if placement == "local":  # the upstream is IPv4 only: no udp rule in the IPv6 table
+        assert "-p udp" not in applied["ip6tables-save"]
+    for rules in ("ip rule", "ip -6 rule"):
+        assert _count(applied[rules], r"fwmark 0x539 .*lookup 133 proto 107$") == 1
     assert applied["route_localnet"] == ("1" if localnet else "0")
 
     _netplan(host, path, node, "--remove")

@@ -56,7 +56,7 @@ def test_loopback_mode_runs_what_loopback_allows(tmp_path: Path) -> None:
         network.close()
     assert rows and all(r.passed for r in rows), render_table(rows, skips)
     assert {s.scenario for s in skips} == {"1 inner HTTP", "3 inner TCP", "5 deny by client IP",
-                                           "6 sticky by client IP"}
+                                           "6 sticky by client IP", "7 UDP (SIP)"}
     assert all(s.reason for s in skips)
 
 

@@ -44,14 +44,14 @@ def topology(tcp_service: str = "a", a_port: int = 9001, routes: tuple[str, ...]
 
 
 def with_server(test: Callable[[SnapshotCache, grpc.aio.Channel], Awaitable[None]],
-                snapshots: dict[str, Snapshot] | None = None) -> None:
+                snapshots: dict[str, Snapshot] | None = None, timeout: float = 20) -> None:
     async def main() -> None:
         cache = SnapshotCache()
         cache.set_all(build_snapshots(topology()) if snapshots is None else snapshots)
         server = await start(cache, "127.0.0.1:0")
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                await asyncio.wait_for(test(cache, channel), 20)
+                await asyncio.wait_for(test(cache, channel), timeout)
         finally:
             await server.stop(None)
 
@@ -83,6 +83,7 @@ def test_ads_serves_every_type_and_records_acks(delta: bool) -> None:
             assert status.key == "edge" and status.streams == 1
             assert all(status.of(t).nack is None for t in ALL)
             assert sorted(types_of(client)) == sorted(ALL)  # one response per type, nothing repeated
+        await _until(lambda: "edge" not in cache.status)  # disconnected nodes are forgotten
 
     with_server(test)
 
@@ -169,9 +170,9 @@ def test_fleet_shares_one_entry_and_node_id_wins() -> None:
             for client in clients[:3]:
                 await client.wait_for(converged(edge))
             await clients[3].wait_for(converged(other))
+            assert cache.status["edge-0"].key == "edge" and cache.status["other"].key == "other"
         assert cache.resolve("edge-1", "edge") is cache.resolve("edge-2", "edge")
         assert isinstance(cache.resolve("other", "edge"), Entry)
-        assert cache.status["edge-0"].key == "edge" and cache.status["other"].key == "other"
 
     with_server(test, build_snapshots(topology(extra_proxy=True)))
 
@@ -287,3 +288,26 @@ async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.05)
+
+
+def test_a_fleet_reconnecting_at_once_is_served() -> None:
+    """3,500 Envoys of one fleet open their streams in the same instant (as after a restart).
+    gRPC's default pending-call limits would refuse hundreds of them."""
+    async def test(cache: SnapshotCache, channel: grpc.aio.Channel) -> None:
+        snapshot = cache.get("edge")
+        assert snapshot is not None
+        clients = [XdsClient(channel, f"edge-{i}", "edge", types=(CLUSTER,), keep_history=False)
+                   for i in range(3500)]
+        tasks = [asyncio.create_task(c.run()) for c in clients]
+        try:
+            for client, task in zip(clients, tasks, strict=True):
+                while client.versions.get(CLUSTER) != snapshot.version(CLUSTER):
+                    assert not task.done(), task.exception()
+                    await asyncio.sleep(0.05)
+        finally:
+            for client, task in zip(clients, tasks, strict=True):
+                client.cancel()
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    with_server(test, timeout=120)

@@ -2,22 +2,28 @@
 
     python -m keepsrc.demo.backends tcp 127.0.0.1:9000     # echo a line, prefixed with the client seen
     python -m keepsrc.demo.backends http 127.0.0.1:8080    # answer GETs with JSON: peer + headers
+    python -m keepsrc.demo.backends udp 127.0.0.1:5070     # answer datagrams (SIP too) with the source seen
+    python -m keepsrc.demo.backends sip-options 198.18.4.2:5060   # a client: one OPTIONS, print the answer
 """
 
 from __future__ import annotations
 
 import http.server
 import json
+import re
 import socket
 import socketserver
+import sys
 import threading
+import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 
 @dataclass
 class Seen:
-    peer: str  # the accept() peer address
+    peer: str  # the accept() peer address (udp: the datagram's source address)
     proxy_header: str | None = None  # a PROXY v1 line, or "v2 <src>" for v2
     data: bytes = b""
 
@@ -155,19 +161,144 @@ class HttpBackend:
         self._server.server_close()
 
 
+_SIP_REQUEST = re.compile(rb"^[A-Z]+ sips?:\S+ SIP/2\.0\r\n")
+
+
+@dataclass
+class UdpBackend:
+    """Answers every datagram to the address it came from, saying which source it saw; records it.
+
+    A SIP request (e.g. an OPTIONS keepalive) gets a SIP `200 OK` whose top Via carries
+    `received=<ip>;rport=<port>`, which is how SIP reports the source a server saw (RFC 3581);
+    anything else gets `backend:<name> client:<ip>:<port> ` followed by the datagram. With `log`,
+    one `peer <ip> <port>` line per datagram, for a test to read when the answer cannot arrive.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    name: str = "udp"
+    log: TextIO | None = None
+    seen: list[Seen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        self._sock.bind((self.host, self.port))
+        self.port = self._sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self._sock.recvfrom(65535)
+            except OSError:
+                return
+            self.seen.append(Seen(peer=peer[0], data=data))
+            if self.log is not None:
+                self.log.write(f"peer {peer[0]} {peer[1]}\n")
+                self.log.flush()
+            try:
+                self._sock.sendto(self._answer(data, peer[0], peer[1]), peer[:2])
+            except OSError:
+                # The route back to that source is refused here (e.g. a 127/8 source towards a
+                # remote address without route_localnet): the client simply gets no answer.
+                continue
+
+    def _answer(self, data: bytes, ip: str, port: int) -> bytes:
+        if not _SIP_REQUEST.match(data):
+            client = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            return f"backend:{self.name} client:{client} ".encode() + data
+        head = data.split(b"\r\n\r\n", 1)[0].decode(errors="replace").split("\r\n")
+        headers = [line for line in head[1:] if line.split(":", 1)[0].strip().lower()
+                   in ("via", "from", "to", "call-id", "cseq")]
+        for i, line in enumerate(headers):
+            if line.lower().startswith("via:"):  # only the top Via: it is the hop that sent to us
+                sent_by = line.replace(";rport", "")
+                headers[i] = f"{sent_by};received={ip};rport={port}"
+                break
+        lines = ["SIP/2.0 200 OK", *headers, f"Server: keepsrc-demo {self.name}", "Content-Length: 0"]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def sip_options(target: str, local: tuple[str, int]) -> bytes:
+    """A minimal valid SIP OPTIONS request (RFC 3261 section 11), as a trunk sends to check the
+    other side is alive; `local` is the sender's own address, for its Via and From."""
+    host = f"[{local[0]}]" if ":" in local[0] else local[0]
+    token = uuid.uuid4().hex[:16]
+    lines = [
+        f"OPTIONS sip:{target} SIP/2.0",
+        f"Via: SIP/2.0/UDP {host}:{local[1]};branch=z9hG4bK{token};rport",
+        "Max-Forwards: 70",
+        f"From: <sip:keepsrc@{host}>;tag={token[:8]}",
+        f"To: <sip:{target}>",
+        f"Call-ID: {token}@{host}",
+        "CSeq: 1 OPTIONS",
+        "Accept: application/sdp",
+        "Content-Length: 0",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def sip_ask(host: str, port: int, timeout: float = 6.0) -> bytes | None:
+    """Send one OPTIONS to host:port and return the first answer, or None by `timeout`.
+
+    Retransmits as a SIP client does over UDP (RFC 3261 timer E: 0.5s, doubling up to 4s), so an
+    exchange that stalls while a fresh path warms up (seen with IPv6 through new namespaces)
+    still gets its answer. The socket is connected: only an answer from host:port counts.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect((host, port))
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        request = sip_options(target, sock.getsockname()[:2])
+        deadline = time.monotonic() + timeout
+        interval = 0.5
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                sock.send(request)
+                sock.settimeout(min(interval, left))
+                return sock.recv(65535)
+            except TimeoutError:
+                interval = min(interval * 2, 4.0)
+            except OSError:  # ICMP port unreachable for an earlier send: nothing listens yet
+                time.sleep(min(interval, max(deadline - time.monotonic(), 0)))
+    return None
+
+
+def seen_source(answer: bytes) -> str | None:
+    """The source IP a UdpBackend reports in its answer (SIP `received=`, or `client:`)."""
+    text = answer.decode(errors="replace")
+    match = re.search(r"^Via:[^\r\n]*;received=([^;\s]+)", text, re.MULTILINE | re.IGNORECASE)
+    if match:
+        return match.group(1)
+    match = re.match(r"backend:\S+ client:(\[[^\]]+\]|[^:\s]+)", text)
+    return match.group(1).strip("[]") if match else None
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import time
 
     parser = argparse.ArgumentParser(prog="python -m keepsrc.demo.backends")
-    parser.add_argument("kind", choices=["tcp", "http"])
-    parser.add_argument("address", help="HOST:PORT to listen on")
+    parser.add_argument("kind", choices=["tcp", "http", "udp", "sip-options"])
+    parser.add_argument("address", help="HOST:PORT to listen on (sip-options: to send to)")
     parser.add_argument("--name", default="backend")
+    parser.add_argument("--timeout", type=float, default=6.0, help="sip-options: give up after this many seconds")
     args = parser.parse_args(argv)
     host, _, port = args.address.rpartition(":")
     host = host.strip("[]")
+    if args.kind == "sip-options":
+        # Prints the answer, or nothing and exits 1 when none came.
+        answer = sip_ask(host, int(port), args.timeout)
+        sys.stdout.write(answer.decode(errors="replace") if answer is not None else "")
+        return 0 if answer is not None else 1
     if args.kind == "tcp":
         TcpBackend(host, int(port), args.name)
+    elif args.kind == "udp":
+        UdpBackend(host, int(port), args.name, log=sys.stdout)
     else:
         HttpBackend(host, int(port), args.name)
     print(f"{args.kind} backend {args.name} listening on {args.address}", flush=True)

@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from keepsrc.demo.backends import seen_source
 from keepsrc.demo.envoy import Envoy
 from keepsrc.demo.hosts import Host, Network
 from keepsrc.snapshots.bootstrap import xds_bootstrap
@@ -33,6 +34,7 @@ LB, LB6 = "198.18.1.2", "2001:db8::1:2"
 INGRESS, SVC_A, SVC_B, SVC_B6 = "198.18.2.2", "198.18.3.2", "198.18.4.2", "2001:db8::4:2"
 FORGED = "198.18.9.9"  # what a client claims in its own X-Forwarded-For header
 REFUSED = "refused"
+NO_ANSWER = "no answer"
 
 
 @dataclass
@@ -180,22 +182,23 @@ class Demo:
     @contextlib.contextmanager
     def deploy(self, name: str, topology_text: str, backends: list[tuple[str, str, str]] = (),  # type: ignore[assignment]
                haproxy: list[tuple[list[str], str, str]] = (),  # type: ignore[assignment]
-               nginx: str | None = None) -> Iterator[Deployment]:
+               nginx: str | None = None, netplan: bool = True) -> Iterator[Deployment]:
         """Serve `topology_text` and start every proxy in it on the host of the same name.
 
         backends: (host, kind, address) run as `python -m keepsrc.demo.backends`;
         haproxy: (binds, target, "send-proxy-v2" | "send-proxy" | "") frontends on the lb host;
-        nginx: an address on svc-b where nginx accepts PROXY protocol.
+        nginx: an address on svc-b where nginx accepts PROXY protocol;
+        netplan: apply `keepsrc netplan` on original_src nodes (off only for a negative row).
         """
         deployment = Deployment(self, name)
         try:
-            self._start(deployment, name, self.network.translate(topology_text), backends, haproxy, nginx)
+            self._start(deployment, name, self.network.translate(topology_text), backends, haproxy, nginx, netplan)
             yield deployment
         finally:
             deployment.stop()
 
     def _start(self, deployment: Deployment, name: str, text: str, backends: list[tuple[str, str, str]],
-               haproxy: list[tuple[list[str], str, str]], nginx: str | None) -> None:
+               haproxy: list[tuple[list[str], str, str]], nginx: str | None, netplan: bool) -> None:
         path = self.workdir / f"{name}.yaml"
         path.write_text(text)
         deployment.topology_path = path
@@ -218,7 +221,7 @@ class Demo:
             deployment.envoys.append(envoy)
             envoy.start()
             envoy.wait_ready(timeout=30)
-            if any(listener.original_src is not None for listener in proxy.listeners):
+            if netplan and any(listener.original_src is not None for listener in proxy.listeners):
                 host.run(sys.executable, "-m", "keepsrc.netplan", str(path), "--node", node, "--apply")
                 deployment.netplans.append((host, path, node))
         if nginx is not None:
@@ -227,11 +230,14 @@ class Demo:
             self._haproxy(deployment, name, haproxy)
 
     def _backend(self, deployment: Deployment, host: Host, kind: str, address: str) -> None:
-        deployment.processes.append(host.popen(
-            [sys.executable, "-m", "keepsrc.demo.backends", kind, address, "--name", f"{kind}@{address}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
-        self._wait_port(host, address)
+        log = self.workdir / f"{deployment.name}.{kind}-{address.replace(':', '_')}.log"
+        with log.open("w") as out:
+            deployment.processes.append(host.popen(
+                [sys.executable, "-m", "keepsrc.demo.backends", kind, address, "--name", f"{kind}@{address}"],
+                stdout=out, stderr=subprocess.STDOUT,
+            ))
+        # The backend says when it listens (a UDP one cannot be probed with a connection).
+        _wait(lambda: "listening" in log.read_text(), 15, f"{kind} backend on {address} in {host.name}")
 
     def _wait_port(self, host: Host, address: str) -> None:
         ip, _, port = address.rpartition(":")
@@ -305,6 +311,13 @@ class Demo:
             return reply
         entries = [e.strip() for e in reply["headers"].get("x-forwarded-for", "").split(",") if e.strip()]
         return self._untranslate(entries[-1 - trusted]) if len(entries) > trusted else "no X-Forwarded-For"
+
+    def sip(self, address: str) -> str:
+        """Send a SIP OPTIONS over UDP from the client host; the source the SIP server saw."""
+        result = self.network.host("client").run(
+            sys.executable, "-m", "keepsrc.demo.backends", "sip-options", self.network.translate(address), check=False
+        )
+        return self._untranslate(seen_source(result.stdout.encode()) or NO_ANSWER)
 
     def access_log_row(self, scenario: str, deployment: Deployment, clients: set[str]) -> Row:
         """Every hop's access log names only the real clients (not a load balancer or proxy)."""
@@ -516,6 +529,25 @@ def sticky(demo: Demo) -> list[Row]:
     return rows
 
 
+def sip_udp(demo: Demo) -> list[Row]:
+    name = "7 UDP (SIP)"
+    text = example("sip-udp.yaml")
+    backends = [("svc-b", "udp", "127.0.0.1:5070")]
+    rows = []
+    # No access-log row here: udp_proxy logs a session when it ends (idle_timeout later).
+    with demo.deploy("sip-udp", text, backends):
+        rows.append(Row(name, "SIP OPTIONS -> svc-b Envoy (udp_proxy, original_src + netplan) -> SIP server",
+                        demo.sip(f"{SVC_B}:5060"), CLIENT))
+    with demo.deploy("sip-udp-no-netplan", text, backends, netplan=False):
+        rows.append(Row(name, "  negative: no netplan: the server's answer never returns",
+                        demo.sip(f"{SVC_B}:5060"), NO_ANSWER))
+    without = _edit(text, ("        original_src: {placement: local}\n", ""))
+    with demo.deploy("sip-udp-without", without, backends):
+        rows.append(Row(name, "  negative: without original_src -> Envoy's address",
+                        demo.sip(f"{SVC_B}:5060"), "127.0.0.1"))
+    return rows
+
+
 @contextlib.contextmanager
 def _concurrently() -> Iterator[Callable[[Callable[[], str]], Callable[[], str]]]:
     """Start calls in threads; each returns a getter for its result, valid after the block."""
@@ -580,4 +612,6 @@ SCENARIOS = (
              why_netns="needs several client addresses behind HAProxy: network namespaces (run as root)"),
     Scenario("6 sticky by client IP", sticky, needs=("haproxy",),
              why_netns="needs several client addresses behind HAProxy: network namespaces (run as root)"),
+    Scenario("7 UDP (SIP)", sip_udp, needs=("iptables",),
+             why_netns="original_src needs root: network namespaces, CAP_NET_ADMIN and iptables"),
 )

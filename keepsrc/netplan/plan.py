@@ -328,6 +328,8 @@ def render(plan: NetPlan, file: str) -> str:
         if s.udp_upstreams:
             out.append("#   udp: Envoy's udp_proxy sets no mark; its datagrams are recognised by their client source"
                        f" and the upstream ({', '.join(map(str, s.udp_upstreams))}): re-apply when those change")
+            out.append("#   udp: the upstream can send first (e.g. a SIP BYE) only while conntrack keeps the session:"
+                       " raise net.netfilter.nf_conntrack_udp_timeout{,_stream} (30s/120s) above the longest silence")
     out.append("# `keepsrc netplan --apply` applies this idempotently; `--remove` undoes it exactly.")
     out.append("")
     out.append("# IPv4 mangle table: iptables-restore --noflush")

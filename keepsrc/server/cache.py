@@ -95,7 +95,8 @@ class Entry:
         return cached
 
 
-@dataclass(frozen=True)
+# slots: one NodeStatus and a TypeStatus per type exist for every connected Envoy.
+@dataclass(frozen=True, slots=True)
 class Nack:
     version: str  # the version the node rejected
     code: int
@@ -103,7 +104,7 @@ class Nack:
     at: float  # time.time() when it arrived
 
 
-@dataclass
+@dataclass(slots=True)
 class TypeStatus:
     sent: str = ""  # last version sent (or, after a reconnect, reported as held)
     acked: str = ""  # last version the node accepted: the node's actual state
@@ -111,7 +112,7 @@ class TypeStatus:
     responses: int = 0  # responses sent for this type, over all of the node's streams
 
 
-@dataclass
+@dataclass(slots=True)
 class NodeStatus:
     node_id: str
     cluster: str
@@ -137,7 +138,7 @@ class SnapshotCache:
         self._entries: dict[str, Entry] = {}
         self._watchers: dict[str, set[Watcher]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.status: dict[str, NodeStatus] = {}  # by node.id
+        self.status: dict[str, NodeStatus] = {}  # by node.id, for the nodes connected now
 
     # -- snapshots --------------------------------------------------------------------------
     def get(self, key: str) -> Snapshot | None:
@@ -199,6 +200,10 @@ class SnapshotCache:
                     del self._watchers[key]
 
     # -- node status ------------------------------------------------------------------------
+    def forget(self, status: NodeStatus) -> None:
+        if self.status.get(status.node_id) is status:
+            del self.status[status.node_id]
+
     def node_status(self, node_id: str, cluster: str) -> NodeStatus:
         status = self.status.get(node_id)
         if status is None:

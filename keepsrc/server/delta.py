@@ -29,6 +29,7 @@ class _Subscription:
 
 
 class DeltaStream(Stream):
+    __slots__ = ("subscriptions",)
     variant_name = "delta"
 
     def __init__(

@@ -73,6 +73,10 @@ class XdsServer:
 async def start(cache: SnapshotCache, address: str) -> XdsServer:
     """Start serving `cache` on `address` ('host:port'); raises OSError if it cannot bind."""
     server = grpc.aio.server(options=[
+        # gRPC core refuses new calls beyond 1,000 (soft) / 3,000 (hard) not yet picked up by the
+        # event loop; a fleet reconnecting at once after a restart is exactly such a burst.
+        ("grpc.server.max_pending_requests", 100_000),
+        ("grpc.server.max_pending_requests_hard_limit", 100_000),
         # Without this a second server on the same port binds happily and steals half the Envoys.
         ("grpc.so_reuseport", 0),
         # Envoys hold one stream for days; let idle connections stay, but notice dead peers.
@@ -85,8 +89,8 @@ async def start(cache: SnapshotCache, address: str) -> XdsServer:
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     await server.start()
-    host = address.rsplit(":", 1)[0]
-    log.info("xDS server listening on %s:%d (ADS and per-type, SotW and delta)", host, port)
+    shown = address if address.startswith("unix:") else f"{address.rsplit(':', 1)[0]}:{port}"
+    log.info("xDS server listening on %s (ADS and per-type, SotW and delta)", shown)
     return XdsServer(server, port)
 
 

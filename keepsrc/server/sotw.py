@@ -24,6 +24,7 @@ class _Subscription:
 
 
 class SotwStream(Stream):
+    __slots__ = ("subscriptions",)
     variant_name = "sotw"
 
     def __init__(

@@ -32,6 +32,10 @@ class StreamError(Exception):
 class Stream:
     """One xDS stream (ADS or a single type). Subclasses implement on_request and push."""
 
+    # Thousands of these live for as long as their Envoys are connected.
+    __slots__ = ("_dirty", "_keys", "_lock", "_pusher", "cache", "context", "entry", "node_cluster", "node_id",
+                 "removals_pending", "status", "type_urls", "variant")
+
     variant_name = ""  # per-type streams of this protocol: which resource variant they get
 
     def __init__(
@@ -74,6 +78,9 @@ class Stream:
             self.cache.unwatch(self, self._keys)
             if self.status is not None:
                 self.status.streams -= 1
+                if self.status.streams == 0:
+                    # Fleets churn through node ids (pods); keep state only for connected nodes.
+                    self.cache.forget(self.status)
 
     def _identify(self, request: Any) -> None:
         node = request.node
