@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from keepsrc.demo.netns import Lab, NetNs
+from keepsrc.demo.netns import Lab, NetNs, stop_processes
 
 # The address plan of the examples and of docker-compose.yml: one /16, one address per host.
 HOSTS: dict[str, tuple[str, ...]] = {
@@ -115,12 +115,4 @@ class LoopbackNetwork:
         return None
 
     def close(self) -> None:
-        for proc in reversed(self.processes):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
-        self.processes.clear()
+        stop_processes(self.processes)

@@ -79,6 +79,19 @@ def sweep_leftovers() -> list[str]:
     return swept
 
 
+def stop_processes(processes: list[subprocess.Popen[Any]]) -> None:
+    """Terminate (then kill) each process still running, newest first, and forget them all."""
+    for proc in reversed(processes):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+    processes.clear()
+
+
 class NetNs:
     """One named network namespace; commands run in it through `ip netns exec`."""
 
@@ -144,15 +157,7 @@ class Lab:
             netns.run("ip", "link", "set", ifname, "up")
 
     def close(self) -> None:
-        for proc in reversed(self.processes):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
-        self.processes.clear()
+        stop_processes(self.processes)
         # Deleting a namespace destroys the veth ends inside it, and with them their peers.
         for netns in reversed(self.namespaces):
             _delete_namespace(netns.name)

@@ -24,6 +24,7 @@ from typing import Any
 from keepsrc.demo.backends import seen_source
 from keepsrc.demo.envoy import Envoy
 from keepsrc.demo.hosts import Host, Network
+from keepsrc.demo.netns import stop_processes
 from keepsrc.snapshots.bootstrap import xds_bootstrap
 from keepsrc.snapshots.render import to_dict
 from keepsrc.topology import SocketAddress, load_topology
@@ -160,14 +161,7 @@ class Deployment:
     def stop(self) -> None:
         for envoy in self.envoys:
             envoy.stop()
-        for proc in reversed(self.processes):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
+        stop_processes(self.processes)
         for host, path, node in self.netplans:
             host.run(sys.executable, "-m", "keepsrc.netplan", str(path), "--node", node, "--remove", check=False)
 
