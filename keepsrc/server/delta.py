@@ -54,16 +54,10 @@ class DeltaStream(Stream):
             sub.outstanding = False
             if request.HasField("error_detail"):
                 self.record_nack(type_url, sub.version, request.error_detail)
-                for name, before in sub.in_flight.items():
-                    sub.rejected[name] = sub.known[name]
-                    if before is None:
-                        del sub.known[name]
-                    else:
-                        sub.known[name] = before
-                sub.version = state_version(sub.known)
-            sub.in_flight = {}
-            if not request.HasField("error_detail"):
+                _undo_rejected(sub)
+            else:
                 self.record_ack(type_url, sub.version)
+            sub.in_flight = {}
         # Unlike SotW, subscription changes are increments that must never be dropped, even on a
         # request that answers an older response.
         for name in subscribe:
@@ -128,3 +122,15 @@ class DeltaStream(Stream):
             wire.text(wire.DELTA_NONCE, sub.nonce),
         ]))
         return bool(gone) and not allow_removals
+
+
+def _undo_rejected(sub: _Subscription) -> None:
+    """After a NACK the client holds what it held before the response: remember what it refused."""
+    for name, before in sub.in_flight.items():
+        sent = sub.known.pop(name, None)
+        if sent is None:
+            continue  # unsubscribed since
+        sub.rejected[name] = sent
+        if before is not None:
+            sub.known[name] = before
+    sub.version = state_version(sub.known)

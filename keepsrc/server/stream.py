@@ -79,6 +79,7 @@ class Stream:
             if self.status is not None:
                 self.status.streams -= 1
                 if self.status.streams == 0:
+                    log.info("node %s disconnected", self.node_id)
                     # Fleets churn through node ids (pods); keep state only for connected nodes.
                     self.cache.forget(self.status)
 
