@@ -9,7 +9,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest
 
 from keepsrc.server import wire
 from keepsrc.server.cache import SnapshotCache, state_version
-from keepsrc.server.stream import ALL_TYPES, REMOVAL_ORDER, WILDCARD_TYPES, Stream
+from keepsrc.server.stream import WILDCARD_TYPES, Stream
 
 
 @dataclass(slots=True)
@@ -71,28 +71,10 @@ class DeltaStream(Stream):
             else:
                 sub.names.discard(name)
                 sub.known.pop(name, None)
-        await self._respond(type_url, sub, allow_removals=not self.removals_pending)
-        await self._finish_removals()
+        await self.respond(type_url, sub, send_removals=not self.removals_pending)
+        await self.finish_removals()
 
-    async def push(self) -> None:
-        removals = False
-        for type_url in ALL_TYPES:
-            sub = self.subscriptions.get(type_url)
-            if sub is not None:
-                removals |= await self._respond(type_url, sub, allow_removals=False)
-        self.removals_pending = self.removals_pending or removals
-        await self._finish_removals()
-
-    async def _finish_removals(self) -> None:
-        if not self.removals_pending or any(s.outstanding for s in self.subscriptions.values()):
-            return
-        self.removals_pending = False
-        for type_url in REMOVAL_ORDER:
-            sub = self.subscriptions.get(type_url)
-            if sub is not None:
-                await self._respond(type_url, sub, allow_removals=True)
-
-    async def _respond(self, type_url: str, sub: _Subscription, allow_removals: bool) -> bool:
+    async def respond(self, type_url: str, sub: _Subscription, send_removals: bool) -> bool:
         """Send what changed for this type; True if removals were held back for later."""
         if self.entry is None:
             return False
@@ -104,7 +86,7 @@ class DeltaStream(Stream):
             self.record_in_sync(type_url, sub.version)
         if all(sub.rejected.get(r.name) == r.version for r in adds):
             adds = ()  # only what was rejected, unchanged: wait for a change rather than loop
-        removed = gone if allow_removals else []
+        removed = gone if send_removals else []
         if not adds and not removed:
             return bool(gone)
         sub.in_flight = {r.name: sub.known.get(r.name) for r in adds}
@@ -121,7 +103,7 @@ class DeltaStream(Stream):
             wire.text(wire.DELTA_SYSTEM_VERSION, sub.version),
             wire.text(wire.DELTA_NONCE, sub.nonce),
         ]))
-        return bool(gone) and not allow_removals
+        return bool(gone) and not send_removals
 
 
 def _undo_rejected(sub: _Subscription) -> None:

@@ -9,7 +9,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
 from keepsrc.server import wire
 from keepsrc.server.cache import SnapshotCache
-from keepsrc.server.stream import ALL_TYPES, REMOVAL_ORDER, WILDCARD_TYPES, Stream
+from keepsrc.server.stream import WILDCARD_TYPES, Stream
 from keepsrc.snapshots.snapshot import Resource
 
 
@@ -56,29 +56,10 @@ class SotwStream(Stream):
                 self.record_ack(type_url, request.version_info)
             if not sub.wildcard:
                 sub.names = names
-        await self._respond(type_url, sub, keep_removed=self.removals_pending)
-        await self._finish_removals()
+        await self.respond(type_url, sub, send_removals=not self.removals_pending)
+        await self.finish_removals()
 
-    async def push(self) -> None:
-        removals = False
-        for type_url in ALL_TYPES:
-            sub = self.subscriptions.get(type_url)
-            if sub is not None:
-                removals |= await self._respond(type_url, sub, keep_removed=True)
-        self.removals_pending = self.removals_pending or removals
-        await self._finish_removals()
-
-    async def _finish_removals(self) -> None:
-        """Once every response of the push is answered, send the sets without the removed resources."""
-        if not self.removals_pending or any(s.outstanding for s in self.subscriptions.values()):
-            return
-        self.removals_pending = False
-        for type_url in REMOVAL_ORDER:
-            sub = self.subscriptions.get(type_url)
-            if sub is not None:
-                await self._respond(type_url, sub, keep_removed=False)
-
-    async def _respond(self, type_url: str, sub: _Subscription, keep_removed: bool) -> bool:
+    async def respond(self, type_url: str, sub: _Subscription, send_removals: bool) -> bool:
         """Send this type if its content differs from the last response; True if removals were held back."""
         if self.entry is None:
             return False
@@ -86,7 +67,7 @@ class SotwStream(Stream):
         held_back = False
         if sub.wildcard:
             removed = {n: r for n, r in sub.held.items() if n not in current}
-            if removed and keep_removed:
+            if removed and not send_removals:
                 # Make before break: keep what is going away until the replacements are in place.
                 held_back = True
                 resources = sorted([*current.values(), *removed.values()], key=lambda r: r.name)

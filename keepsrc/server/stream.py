@@ -30,13 +30,14 @@ class StreamError(Exception):
 
 
 class Stream:
-    """One xDS stream (ADS or a single type). Subclasses implement on_request and push."""
+    """One xDS stream (ADS or a single type). Subclasses implement on_request and respond."""
 
     # Thousands of these live for as long as their Envoys are connected.
     __slots__ = ("_dirty", "_keys", "_lock", "_pusher", "cache", "context", "entry", "node_cluster", "node_id",
                  "removals_pending", "status", "type_urls", "variant")
 
     variant_name = ""  # per-type streams of this protocol: which resource variant they get
+    subscriptions: dict[str, Any]  # type URL -> the subclass's subscription (each has `outstanding`)
 
     def __init__(
         self, cache: SnapshotCache, context: grpc.aio.ServicerContext, type_urls: tuple[str, ...]
@@ -170,5 +171,26 @@ class Stream:
     async def on_request(self, request: Any) -> None:
         raise NotImplementedError
 
-    async def push(self) -> None:
+    async def respond(self, type_url: str, sub: Any, send_removals: bool) -> bool:
+        """Send this type if it changed; True if removals were held back (send_removals False)."""
         raise NotImplementedError
+
+    async def push(self) -> None:
+        """A new snapshot: send every subscribed type in make-before-break order, removals later."""
+        removals = False
+        for type_url in ALL_TYPES:
+            sub = self.subscriptions.get(type_url)
+            if sub is not None:
+                removals |= await self.respond(type_url, sub, send_removals=False)
+        self.removals_pending = self.removals_pending or removals
+        await self.finish_removals()
+
+    async def finish_removals(self) -> None:
+        """Once every response of the push is answered, send what removes the resources gone."""
+        if not self.removals_pending or any(s.outstanding for s in self.subscriptions.values()):
+            return
+        self.removals_pending = False
+        for type_url in REMOVAL_ORDER:
+            sub = self.subscriptions.get(type_url)
+            if sub is not None:
+                await self.respond(type_url, sub, send_removals=True)

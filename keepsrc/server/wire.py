@@ -11,20 +11,13 @@ from __future__ import annotations
 import itertools
 import os
 
+from keepsrc.snapshots.wire import varint
+
 # Field numbers from envoy/service/discovery/v3/discovery.proto and google/protobuf/any.proto.
 ANY_TYPE_URL, ANY_VALUE = 1, 2
 SOTW_VERSION_INFO, SOTW_RESOURCES, SOTW_TYPE_URL, SOTW_NONCE = 1, 2, 4, 5
 DELTA_SYSTEM_VERSION, DELTA_RESOURCES, DELTA_TYPE_URL, DELTA_NONCE, DELTA_REMOVED = 1, 2, 4, 5, 6
 RESOURCE_VERSION, RESOURCE_BODY, RESOURCE_NAME = 1, 2, 3
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def field(number: int, data: bytes) -> bytes:
