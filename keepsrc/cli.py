@@ -1,4 +1,4 @@
-"""`keepsrc` command line: validate | render | explain | bootstrap | netplan | serve | demo."""
+"""`keepsrc` command line: validate | render | explain | bootstrap | netplan | serve | status | demo."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from keepsrc.explain import explain, render_text
 from keepsrc.explain import to_json as explain_json
 from keepsrc.netplan.cli import add_netplan_arguments, run_netplan
 from keepsrc.server.cli import add_serve_arguments, run_serve
+from keepsrc.server.status import add_status_arguments, run_status
 from keepsrc.snapshots.bootstrap import XdsApi, XdsTransport, static_bootstrap, xds_bootstrap
 from keepsrc.snapshots.builder import build_snapshot
 from keepsrc.snapshots.render import dump, snapshot_dict, to_dict
@@ -181,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the topology to Envoys over gRPC ADS; reload on change")
     add_serve_arguments(serve)
     serve.set_defaults(run=run_serve)
+
+    status = commands.add_parser("status", help="what every connected Envoy ACKed or NACKed (exit 1 on a NACK)")
+    add_status_arguments(status)
+    status.set_defaults(run=run_status)
 
     demo = commands.add_parser("demo", help="run the talk's scenarios on real Envoys; print what backends saw")
     add_demo_arguments(demo)

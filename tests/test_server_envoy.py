@@ -327,6 +327,12 @@ def test_two_node_ids_get_their_own_snapshots(lab: Lab, tmp_path: Path) -> None:
         assert set(dumped_versions(other)[LISTENER]) == {"other-tcp", "other-http"}
         assert http_backend(lab.http_port) == "A" and http_backend(second_http) == "B"
         assert tcp_backend(second_tcp) == "backend:t1"
+        # `keepsrc status` (CSDS) lists both Envoys, every type ACKed and in sync.
+        status = subprocess.run([sys.executable, "-m", "keepsrc", "status", "--xds", f"127.0.0.1:{server.port}"],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "ingress (cluster ingress)" in status.stdout and "other (cluster other)" in status.stdout
+        assert status.stdout.count("SYNCED   ACKED") == 8
 
 
 # -- the server as a process ----------------------------------------------------------------------

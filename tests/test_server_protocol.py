@@ -11,8 +11,9 @@ import grpc
 import pytest
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryResponse
+from envoy.service.status.v3 import csds_pb2
 
-from keepsrc.server import SnapshotCache, TopologySource, start
+from keepsrc.server import SnapshotCache, TopologySource, csds, start
 from keepsrc.server.cache import Entry, state_version
 from keepsrc.server.wire import next_nonce, text
 from keepsrc.snapshots.bootstrap import XDS_CLUSTER
@@ -129,6 +130,11 @@ def test_nack_is_recorded_and_not_resent(delta: bool) -> None:
             assert (nack.code, nack.message, nack.version) == (3, "bad listener: port in use",
                                                                snapshot.version(LISTENER))
             assert status["edge"].of(LISTENER).acked == ""
+            # CSDS (what `keepsrc status` shows) reports the rejection with Envoy's message.
+            listener = (await csds_listener_status(channel, "edge"))
+            assert listener.config_status == csds_pb2.ERROR
+            assert listener.error_state.details == "bad listener: port in use"
+            assert listener.error_state.version_info == snapshot.version(LISTENER)
             # An unrelated change goes out; the rejected listeners are not sent again.
             moved = build_snapshots(topology(a_port=9100))["edge"]
             cache.set("edge", moved)
@@ -141,8 +147,22 @@ def test_nack_is_recorded_and_not_resent(delta: bool) -> None:
             await client.wait_for(converged(fixed))
             await client.wait_for(lambda _: status["edge"].of(LISTENER).nack is None)
             assert status["edge"].of(LISTENER).acked == fixed.version(LISTENER)
+            listener = await csds_listener_status(channel, "edge")
+            assert (listener.config_status, listener.version_info) == (csds_pb2.SYNCED, fixed.version(LISTENER))
 
     with_server(test)
+
+
+async def csds_listener_status(channel: grpc.aio.Channel, node_id: str) -> csds_pb2.ClientConfig.GenericXdsConfig:
+    fetch = channel.unary_unary(
+        f"/{csds.SERVICE}/FetchClientStatus",
+        request_serializer=csds_pb2.ClientStatusRequest.SerializeToString,
+        response_deserializer=csds_pb2.ClientStatusResponse.FromString,
+    )
+    response = await fetch(csds_pb2.ClientStatusRequest())
+    (config,) = [c for c in response.config if c.node.id == node_id]
+    (listener,) = [x for x in config.generic_xds_configs if x.type_url == LISTENER]
+    return listener
 
 
 def test_unknown_node_is_served_once_the_topology_has_it(caplog: pytest.LogCaptureFixture) -> None:

@@ -12,6 +12,7 @@ import logging
 import grpc
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
+from keepsrc.server import csds
 from keepsrc.server.cache import SnapshotCache
 from keepsrc.server.delta import DeltaStream
 from keepsrc.server.sotw import SotwStream
@@ -42,6 +43,7 @@ def _handler(cache: SnapshotCache, stream_class: type[Stream], type_urls: tuple[
 
 def generic_handlers(cache: SnapshotCache) -> list[grpc.GenericRpcHandler]:
     handlers = [
+        csds.handler(cache),
         grpc.method_handlers_generic_handler(ADS_SERVICE, {
             "StreamAggregatedResources": _handler(cache, SotwStream, ALL_TYPES, DiscoveryRequest),
             "DeltaAggregatedResources": _handler(cache, DeltaStream, ALL_TYPES, DeltaDiscoveryRequest),

@@ -1,0 +1,57 @@
+"""CSDS (envoy.service.status.v3): what each connected Envoy holds, ACKed or NACKed, per type.
+
+The standard xDS way to ask a control plane for client state, so `keepsrc status` and any CSDS
+tool (e.g. istioctl-style dashboards) read the same thing.
+"""
+
+from __future__ import annotations
+
+import grpc
+from envoy.admin.v3 import config_dump_shared_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.service.status.v3 import csds_pb2
+from google.protobuf import timestamp_pb2
+
+from keepsrc.server.cache import SnapshotCache
+from keepsrc.snapshots.snapshot import TYPE_ORDER
+
+SERVICE = "envoy.service.status.v3.ClientStatusDiscoveryService"
+
+
+def client_status(cache: SnapshotCache) -> csds_pb2.ClientStatusResponse:
+    """One ClientConfig per connected node: per type the ACKed version, whether it is the last
+    version sent (SYNCED) or a newer one is in flight (STALE), and the last NACK (ERROR)."""
+    response = csds_pb2.ClientStatusResponse()
+    for node_id, status in sorted(cache.status.items()):
+        config = response.config.add(node=base_pb2.Node(id=node_id, cluster=status.cluster))
+        for type_url in TYPE_ORDER:
+            if type_url not in status.types:
+                continue
+            state = status.types[type_url]
+            xds = config.generic_xds_configs.add(type_url=type_url, version_info=state.acked)
+            if state.nack is not None:
+                xds.config_status = csds_pb2.ERROR
+                xds.client_status = config_dump_shared_pb2.NACKED
+                xds.error_state.details = state.nack.message
+                xds.error_state.version_info = state.nack.version
+                xds.error_state.last_update_attempt.CopyFrom(timestamp_pb2.Timestamp(seconds=int(state.nack.at)))
+            elif state.acked and state.acked == state.sent:
+                xds.config_status = csds_pb2.SYNCED
+                xds.client_status = config_dump_shared_pb2.ACKED
+            else:
+                xds.config_status = csds_pb2.STALE if state.acked else csds_pb2.NOT_SENT
+                xds.client_status = config_dump_shared_pb2.ACKED if state.acked else config_dump_shared_pb2.REQUESTED
+    return response
+
+
+def handler(cache: SnapshotCache) -> grpc.GenericRpcHandler:
+    async def fetch(_request: csds_pb2.ClientStatusRequest, _context: object) -> csds_pb2.ClientStatusResponse:
+        return client_status(cache)
+
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "FetchClientStatus": grpc.unary_unary_rpc_method_handler(
+            fetch,
+            request_deserializer=csds_pb2.ClientStatusRequest.FromString,
+            response_serializer=csds_pb2.ClientStatusResponse.SerializeToString,
+        ),
+    })
