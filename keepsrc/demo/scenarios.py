@@ -14,7 +14,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,7 +23,7 @@ from typing import Any
 from keepsrc.demo.backends import seen_source
 from keepsrc.demo.envoy import Envoy
 from keepsrc.demo.hosts import Host, Network
-from keepsrc.demo.netns import stop_processes
+from keepsrc.demo.netns import stop_processes, wait_for
 from keepsrc.snapshots.bootstrap import xds_bootstrap
 from keepsrc.snapshots.render import to_dict
 from keepsrc.topology import SocketAddress, load_topology
@@ -204,7 +203,7 @@ class Demo:
             [sys.executable, "-m", "keepsrc", "serve", str(path), "--listen", f"unix:{socket_path}"],
             stdout=server_log, stderr=subprocess.STDOUT,
         ))
-        _wait(socket_path.exists, 15, f"keepsrc serve on {socket_path}")
+        wait_for(socket_path.exists, 15, f"keepsrc serve on {socket_path}")
         for host_name, kind, address in backends:
             self._backend(deployment, self.network.host(host_name), kind, self.network.translate(address))
         for node, proxy in topology.proxies.items():
@@ -231,7 +230,7 @@ class Demo:
                 stdout=out, stderr=subprocess.STDOUT,
             ))
         # The backend says when it listens (a UDP one cannot be probed with a connection).
-        _wait(lambda: "listening" in log.read_text(), 15, f"{kind} backend on {address} in {host.name}")
+        wait_for(lambda: "listening" in log.read_text(), 15, f"{kind} backend on {address} in {host.name}")
 
     def _wait_port(self, host: Host, address: str) -> None:
         ip, _, port = address.rpartition(":")
@@ -254,7 +253,7 @@ class Demo:
         # Wait for the listening sockets (ss), not with a test connection: HAProxy would forward it
         # with a PROXY header naming itself, and it would show up in the Envoys' access logs.
         ports = {bind.rpartition(":")[2] for binds, _, _ in frontends for bind in binds}
-        _wait(lambda: all(host.run("ss", "-Hltn", f"sport = :{p}", check=False).stdout.strip() for p in ports),
+        wait_for(lambda: all(host.run("ss", "-Hltn", f"sport = :{p}", check=False).stdout.strip() for p in ports),
               15, f"HAProxy listening on {', '.join(sorted(ports))}")
 
     def _nginx(self, deployment: Deployment, listen: str) -> None:
@@ -323,7 +322,7 @@ class Demo:
                 for envoy in deployment.envoys
             }
         with contextlib.suppress(TimeoutError):  # Envoy flushes access logs about once a second
-            _wait(lambda: all(logged().values()), 10, "access logs")
+            wait_for(lambda: all(logged().values()), 10, "access logs")
         wrong = {name: sorted(seen - clients) or ["no entries"] for name, seen in logged().items()
                  if not seen or seen - clients}
         seen_text = "only the clients" if not wrong else "; ".join(f"{n}: {', '.join(v)}" for n, v in wrong.items())
@@ -335,15 +334,6 @@ class Demo:
         if not self.network.netns and address.startswith("127.18."):
             return "198.18." + address.removeprefix("127.18.")
         return address
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
 # -- the scenarios ---------------------------------------------------------------------------------
