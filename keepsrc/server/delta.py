@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import grpc
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest
 
 from keepsrc.server import wire
-from keepsrc.server.cache import SnapshotCache, state_version
+from keepsrc.server.cache import state_version
 from keepsrc.server.stream import WILDCARD_TYPES, Stream
 
 
@@ -29,14 +28,8 @@ class _Subscription:
 
 
 class DeltaStream(Stream):
-    __slots__ = ("subscriptions",)
+    __slots__ = ()
     variant_name = "delta"
-
-    def __init__(
-        self, cache: SnapshotCache, context: grpc.aio.ServicerContext, type_urls: tuple[str, ...]
-    ) -> None:
-        super().__init__(cache, context, type_urls)
-        self.subscriptions: dict[str, _Subscription] = {}
 
     async def on_request(self, request: DeltaDiscoveryRequest) -> None:
         type_url = request.type_url

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
 from keepsrc.server import wire
-from keepsrc.server.cache import SnapshotCache
 from keepsrc.server.stream import WILDCARD_TYPES, Stream
 from keepsrc.snapshots.snapshot import Resource
 
@@ -24,14 +22,8 @@ class _Subscription:
 
 
 class SotwStream(Stream):
-    __slots__ = ("subscriptions",)
+    __slots__ = ()
     variant_name = "sotw"
-
-    def __init__(
-        self, cache: SnapshotCache, context: grpc.aio.ServicerContext, type_urls: tuple[str, ...]
-    ) -> None:
-        super().__init__(cache, context, type_urls)
-        self.subscriptions: dict[str, _Subscription] = {}
 
     async def on_request(self, request: DiscoveryRequest) -> None:
         type_url = request.type_url

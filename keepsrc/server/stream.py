@@ -34,10 +34,9 @@ class Stream:
 
     # Thousands of these live for as long as their Envoys are connected.
     __slots__ = ("_dirty", "_keys", "_lock", "_pusher", "cache", "context", "entry", "node_cluster", "node_id",
-                 "removals_pending", "status", "type_urls", "variant")
+                 "removals_pending", "status", "subscriptions", "type_urls", "variant")
 
     variant_name = ""  # per-type streams of this protocol: which resource variant they get
-    subscriptions: dict[str, Any]  # type URL -> the subclass's subscription (each has `outstanding`)
 
     def __init__(
         self, cache: SnapshotCache, context: grpc.aio.ServicerContext, type_urls: tuple[str, ...]
@@ -52,6 +51,8 @@ class Stream:
         self.status: NodeStatus | None = None
         self.entry: Entry | None = None
         self.removals_pending = False
+        # type URL -> the subclass's subscription (each has `outstanding`)
+        self.subscriptions: dict[str, Any] = {}
         self._lock = asyncio.Lock()
         self._dirty = False
         self._pusher: asyncio.Task[None] | None = None
