@@ -160,3 +160,22 @@ def test_envoy_validates_every_bootstrap_flavour(tmp_path: Path, capsys: pytest.
     config = json.loads(capsys.readouterr().out)
     assert config["node"] == {"id": "ingress", "cluster": "fleet"}
     _envoy_check(config, tmp_path / "bootstrap.json", "validate")
+
+
+def test_quickstart_example_carries_traffic_as_rendered(tmp_path: Path) -> None:
+    """The built-in example exactly as `keepsrc render --static` prints it, on its own ports."""
+    echo, web = TcpBackend("127.0.0.1", 9000, name="echo"), HttpBackend("127.0.0.1", 8080, name="web")
+    try:
+        config = to_dict(static_bootstrap(load_topology("examples/quickstart.yaml"), "ingress",
+                                          SocketAddress("127.0.0.1", 0)))
+        with Envoy(config, tmp_path) as envoy:
+            envoy.wait_ready()
+            # tcp-in sends a PROXY v2 header naming the client; the echo backend reads it.
+            assert _tcp_exchange(10000, b"hi\n") == b"backend:echo client:127.0.0.1 hi\n"
+            assert echo.seen[-1].proxy_header is not None and echo.seen[-1].proxy_header.startswith("v2 127.0.0.1 ")
+            seen = json.loads(urllib.request.urlopen("http://127.0.0.1:10080/", timeout=5).read())
+            assert seen["backend"] == "web"
+            assert "x-forwarded-for" in seen["headers"]  # http-in appends the client (xff)
+    finally:
+        echo.close()
+        web.close()
