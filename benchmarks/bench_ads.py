@@ -5,7 +5,8 @@ sharing one proxy entry as a fleet does (same node.cluster, distinct node ids), 
   (a) time from a topology file change to the last ACK of the new version, median and p99 over
       --changes edits (each moves an endpoint, so EDS changes and nothing else);
   (b) server RSS per connected stream (RSS with all streams idle minus RSS before any stream);
-  (c) server CPU seconds per push (user+system of the server process over one change).
+  (c) server CPU seconds per push (user+system of the server process over one change);
+  baseline, in the same run: RSS per idle stream of a bare grpc.aio server (ads_baseline_server.py).
 Targets on a 2-core machine: 1,000 streams converge < 300 ms; 5,000 < 2 s; < 20 KB RSS per idle stream.
 
     .venv/bin/python benchmarks/bench_ads.py [--streams 100,1000,5000] [--changes 5] [--delta]
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -174,6 +176,40 @@ async def run_size(n: int, changes: int, delta: bool, per_connection: int, workd
         log.close()
 
 
+async def baseline_rss_per_stream(n: int, per_connection: int, workdir: Path) -> float:
+    """KB per idle stream on a bare grpc.aio server (ads_baseline_server.py): grpc's own share."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/ads_baseline_server.py"), f"127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    channels: list[grpc.aio.Channel] = []
+    calls: list[Any] = []
+    try:
+        target = f"127.0.0.1:{port}"
+        probe = grpc.aio.insecure_channel(target)
+        await asyncio.wait_for(probe.channel_ready(), 20)
+        await probe.close()
+        await asyncio.sleep(0.5)
+        rss_before = rss_kb(server.pid)
+        request = DiscoveryRequest(type_url=ENDPOINT).SerializeToString()
+        for i in range(n):
+            if i % per_connection == 0:
+                channels.append(grpc.aio.insecure_channel(target))
+            call = channels[-1].stream_stream("/envoy.service.discovery.v3.AggregatedDiscoveryService/"
+                                              "StreamAggregatedResources",
+                                              request_serializer=bytes, response_deserializer=bytes)()
+            await call.write(request)
+            calls.append(call)
+        await asyncio.sleep(1.5)  # every stream open and idle
+        return (rss_kb(server.pid) - rss_before) / n
+    finally:
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close()
+        server.kill()
+        server.wait()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", default="100,1000,5000", help="comma-separated stream counts")
@@ -185,12 +221,14 @@ async def main() -> None:
     print(f"{'delta' if args.delta else 'SotW'} ADS, {args.streams_per_connection} streams per connection, "
           f"{args.changes} changes per size, {os.cpu_count()} CPUs")
     print(f"{'streams':>8} {'connect s':>10} {'median ms':>10} {'p99 ms':>8} {'KB/stream':>10} "
-          f"{'idle RSS MB':>12} {'CPU s/push':>11} {'reconnects':>11}")
+          f"{'bare grpc KB':>13} {'idle RSS MB':>12} {'CPU s/push':>11} {'reconnects':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(s) for s in args.streams.split(",")):
             r = await run_size(n, args.changes, args.delta, args.streams_per_connection, Path(tmp))
+            bare = await baseline_rss_per_stream(n, args.streams_per_connection, Path(tmp))
             print(f"{n:>8} {r['connect_s']:>10.2f} {r['median_ms']:>10.0f} {r['p99_ms']:>8.0f} "
-                  f"{r['rss_per_stream_kb']:>10.1f} {r['rss_idle_mb']:>12.1f} {r['cpu_per_push_s']:>11.3f} "
+                  f"{r['rss_per_stream_kb']:>10.1f} {bare:>13.1f} {r['rss_idle_mb']:>12.1f} "
+                  f"{r['cpu_per_push_s']:>11.3f} "
                   f"{r['reconnects']:>11}",
                   flush=True)
 
