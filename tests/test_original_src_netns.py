@@ -24,7 +24,7 @@ from keepsrc.snapshots.bootstrap import static_bootstrap
 from keepsrc.snapshots.render import dump, to_dict
 from keepsrc.topology import SocketAddress, Topology, load_topology
 from tests.support.envoy import Envoy
-from tests.support.netns import Lab, NetNs, wait_for
+from tests.support.netns import GATEWAY_ADDRESSES, Lab, NetNs, gateway_scene, wait_for
 from tests.support.netns import netlab_fixture as netlab_fixture  # the `netlab` fixture
 from tests.support.strict import require_binary
 
@@ -179,26 +179,8 @@ def test_local_plan_keeps_loopback_services_unreachable_from_the_network(lab: La
 
 
 # -- gateway placement: the upstream is another host behind Envoy's ----------------------------------
-ADDRESSES = {
-    # family: client, proxy (client side), proxy (upstream side), backend, prefix length
-    4: ("198.18.1.1", "198.18.1.2", "198.18.2.1", "198.18.2.2", 24),
-    6: ("2001:db8:1::1", "2001:db8:1::2", "2001:db8:2::1", "2001:db8:2::2", 64),
-}
-
-
-def gateway_scene(lab: Lab, family: int) -> tuple[NetNs, NetNs, NetNs]:
-    client_ip, proxy_down, proxy_up, backend_ip, bits = ADDRESSES[family]
-    client, proxy, backend = lab.ns("client"), lab.ns("proxy"), lab.ns("backend")
-    lab.link(client, "eth0", f"{client_ip}/{bits}", proxy, "eth0", f"{proxy_down}/{bits}")
-    lab.link(proxy, "eth1", f"{proxy_up}/{bits}", backend, "eth0", f"{backend_ip}/{bits}")
-    client.run("ip", f"-{family}", "route", "add", "default", "via", proxy_down)
-    # The backend reaches clients through Envoy's host, as behind a gateway or middlebox.
-    backend.run("ip", f"-{family}", "route", "add", "default", "via", proxy_up)
-    return client, proxy, backend
-
-
 def gateway_topology(path: Path, family: int, original_src: str) -> Path:
-    _, proxy_down, _, backend_ip, _ = ADDRESSES[family]
+    _, proxy_down, _, backend_ip, _ = GATEWAY_ADDRESSES[family]
 
     def bracket(ip: str) -> str:
         return f"[{ip}]" if family == 6 else ip
@@ -222,8 +204,8 @@ proxies:
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_gateway_backend_sees_the_client_only_with_the_iif_scoped_plan(
         lab: Lab, tmp_path: Path, family: int) -> None:
-    client_ip, proxy_down, _, backend_ip, _ = ADDRESSES[family]
-    client, proxy, backend_ns = gateway_scene(lab, family)
+    client_ip, proxy_down, _, backend_ip, _ = GATEWAY_ADDRESSES[family]
+    client, proxy, backend_ns = gateway_scene(lab, family, "backend")
     backend = Backend(backend_ns, backend_ip, tmp_path / "backend.log")
     gateway = gateway_topology(tmp_path / "gateway.yaml", family, "{placement: gateway, upstream_interface: eth1}")
     # The talk's rules as written (what `placement: local` plans) on this host: same Envoy config.
@@ -243,7 +225,7 @@ def test_gateway_backend_sees_the_client_only_with_the_iif_scoped_plan(
 
 
 def test_gateway_without_original_src_the_backend_sees_envoy(lab: Lab, tmp_path: Path) -> None:
-    client, proxy, backend_ns = gateway_scene(lab, 4)
+    client, proxy, backend_ns = gateway_scene(lab, 4, "backend")
     backend = Backend(backend_ns, "198.18.2.2", tmp_path / "backend.log")
     path = gateway_topology(tmp_path / "gateway.yaml", 4, "{placement: gateway, upstream_interface: eth1}")
     topology = load_topology(path)

@@ -29,7 +29,7 @@ from keepsrc.snapshots.bootstrap import static_bootstrap
 from keepsrc.snapshots.render import to_dict
 from keepsrc.topology import SocketAddress, Topology, load_topology
 from tests.support.envoy import Envoy
-from tests.support.netns import Lab, NetNs, wait_for
+from tests.support.netns import GATEWAY_ADDRESSES, Lab, NetNs, gateway_scene, wait_for
 from tests.support.netns import netlab_fixture as netlab_fixture  # the `netlab` fixture
 from tests.support.strict import require_binary
 
@@ -216,30 +216,12 @@ def test_silence_beyond_idle_timeout_moves_the_session_to_a_new_upstream_port(la
 
 
 # -- gateway placement: the SIP server is another host behind Envoy's --------------------------------
-ADDRESSES = {
-    # family: client, proxy (client side), proxy (upstream side), SIP server, prefix length
-    4: ("198.18.1.1", "198.18.1.2", "198.18.2.1", "198.18.2.2", 24),
-    6: ("2001:db8:1::1", "2001:db8:1::2", "2001:db8:2::1", "2001:db8:2::2", 64),
-}
-
-
 def bracket(ip: str) -> str:
     return f"[{ip}]" if ":" in ip else ip
 
 
-def gateway_scene(lab: Lab, family: int) -> tuple[NetNs, NetNs, NetNs]:
-    client_ip, proxy_down, proxy_up, server_ip, bits = ADDRESSES[family]
-    client, proxy, server = lab.ns("client"), lab.ns("proxy"), lab.ns("sip")
-    lab.link(client, "eth0", f"{client_ip}/{bits}", proxy, "eth0", f"{proxy_down}/{bits}")
-    lab.link(proxy, "eth1", f"{proxy_up}/{bits}", server, "eth0", f"{server_ip}/{bits}")
-    client.run("ip", f"-{family}", "route", "add", "default", "via", proxy_down)
-    # The SIP server reaches clients through Envoy's host (which does not forward), as behind a gateway.
-    server.run("ip", f"-{family}", "route", "add", "default", "via", proxy_up)
-    return client, proxy, server
-
-
 def gateway_topology(path: Path, family: int) -> Path:
-    _, proxy_down, _, server_ip, _ = ADDRESSES[family]
+    _, proxy_down, _, server_ip, _ = GATEWAY_ADDRESSES[family]
     path.write_text(f"""\
 apiVersion: keepsrc/v1
 services:
@@ -259,8 +241,8 @@ proxies:
 
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_gateway_sip_server_sees_the_client_only_with_the_netplan(lab: Lab, tmp_path: Path, family: int) -> None:
-    client_ip, proxy_down, _, server_ip, _ = ADDRESSES[family]
-    client, proxy, server_ns = gateway_scene(lab, family)
+    client_ip, proxy_down, _, server_ip, _ = GATEWAY_ADDRESSES[family]
+    client, proxy, server_ns = gateway_scene(lab, family, "sip")
     server = SipServer(server_ns, f"{bracket(server_ip)}:5060", tmp_path / "sip-server.log")
     path = gateway_topology(tmp_path / "gateway.yaml", family)
     listener = f"{bracket(proxy_down)}:5060"
@@ -274,7 +256,7 @@ def test_gateway_sip_server_sees_the_client_only_with_the_netplan(lab: Lab, tmp_
 
 
 def test_gateway_without_original_src_the_sip_server_sees_envoy(lab: Lab, tmp_path: Path) -> None:
-    client, proxy, server_ns = gateway_scene(lab, 4)
+    client, proxy, server_ns = gateway_scene(lab, 4, "sip")
     server = SipServer(server_ns, "198.18.2.2:5060", tmp_path / "sip-server.log")
     topology = without_original_src(load_topology(gateway_topology(tmp_path / "gateway.yaml", 4)), "gateway")
     with running_envoy(proxy, topology, "gateway", tmp_path):
