@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from keepsrc.demo.envoy import EnvoyMissing, envoy_path
@@ -38,9 +39,9 @@ def _missing(scenario: Scenario, netns: bool) -> str | None:
 
 
 def run_scenarios(network: Network, workdir: Path, only: list[str] | None = None,
-                  progress: object = print) -> tuple[list[Row], list[Skip]]:
+                  progress: Callable[[str], None] = print) -> tuple[list[Row], list[Skip]]:
     """Every selected scenario on `network`; failures to deploy become FAIL rows, not crashes."""
-    demo = Demo(network, workdir, progress)  # type: ignore[arg-type]
+    demo = Demo(network, workdir, progress)
     rows: list[Row] = []
     skips: list[Skip] = []
     for scenario in SCENARIOS:
@@ -50,7 +51,7 @@ def run_scenarios(network: Network, workdir: Path, only: list[str] | None = None
         if reason:
             skips.append(Skip(scenario.name, reason))
             continue
-        demo.progress(f"{scenario.name} ...")  # type: ignore[operator]
+        progress(f"{scenario.name} ...")
         run = scenario.run if network.netns else scenario.loopback
         assert run is not None
         try:

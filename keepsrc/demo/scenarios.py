@@ -283,7 +283,7 @@ class Demo:
     def tcp_seen(self, address: str, source: str = "", proxy_header_for: str = "") -> str:
         """The client a keepsrc.demo TCP backend saw ('backend:NAME client:IP ...')."""
         reply = self.tcp(address, "hello\n", source, proxy_header_for)
-        return self._untranslate(reply.split()[1].removeprefix("client:")) if reply.startswith("backend:") \
+        return self.untranslate(reply.split()[1].removeprefix("client:")) if reply.startswith("backend:") \
             else reply
 
     def http(self, address: str, headers: dict[str, str] | None = None, source: str = "",
@@ -303,21 +303,21 @@ class Demo:
         if isinstance(reply, str):
             return reply
         entries = [e.strip() for e in reply["headers"].get("x-forwarded-for", "").split(",") if e.strip()]
-        return self._untranslate(entries[-1 - trusted]) if len(entries) > trusted else "no X-Forwarded-For"
+        return self.untranslate(entries[-1 - trusted]) if len(entries) > trusted else "no X-Forwarded-For"
 
     def sip(self, address: str) -> str:
         """Send a SIP OPTIONS over UDP from the client host; the source the SIP server saw."""
         result = self.network.host("client").run(
             sys.executable, "-m", "keepsrc.demo.backends", "sip-options", self.network.translate(address), check=False
         )
-        return self._untranslate(seen_source(result.stdout.encode()) or NO_ANSWER)
+        return self.untranslate(seen_source(result.stdout.encode()) or NO_ANSWER)
 
     def access_log_row(self, scenario: str, deployment: Deployment, clients: set[str]) -> Row:
         """Every hop's access log names only the real clients (not a load balancer or proxy)."""
         def logged() -> dict[str, set[str]]:
             return {
                 envoy.name.removeprefix(f"{deployment.name}-"): {
-                    self._untranslate(entry["client"].rpartition(":")[0].strip("[]")) for entry in envoy.access_log()
+                    self.untranslate(entry["client"].rpartition(":")[0].strip("[]")) for entry in envoy.access_log()
                 }
                 for envoy in deployment.envoys
             }
@@ -329,7 +329,7 @@ class Demo:
         return Row(scenario, f"  access log of every hop ({len(deployment.envoys)} Envoys) names the client",
                    seen_text, "only the clients")
 
-    def _untranslate(self, address: str) -> str:
+    def untranslate(self, address: str) -> str:
         """Show loopback-mode addresses as the plan's (127.18.X.Y -> 198.18.X.Y)."""
         if not self.network.netns and address.startswith("127.18."):
             return "198.18." + address.removeprefix("127.18.")
@@ -349,7 +349,7 @@ def inner_http(demo: Demo) -> list[Row]:
         rows.append(Row(name, "  client forges X-Forwarded-For: not believed", forged, CLIENT))
         reply = demo.http(f"{SVC_A}:15001")
         external = reply["headers"].get("x-envoy-external-address", "-") if isinstance(reply, dict) else reply
-        rows.append(Row(name, "  svc-b's verdict (x-envoy-external-address)", demo._untranslate(external), CLIENT))
+        rows.append(Row(name, "  svc-b's verdict (x-envoy-external-address)", demo.untranslate(external), CLIENT))
         rows.append(demo.access_log_row(name, deployment, {CLIENT}))
     without = _edit(text, ("xff: {use_remote_address: true, trusted_hops: 0}\n", "\n"))
     with demo.deploy("inner-http-without", without, backends):
