@@ -113,33 +113,41 @@ def test_reconnect_gets_nothing_it_already_has(delta: bool) -> None:
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 def test_nack_is_recorded_and_not_resent(delta: bool) -> None:
+    """tcp-in is refused (as Envoy refuses one listener and applies the rest)."""
     rejecting = {"on": True}
 
-    def reject(type_url: str, _resources: dict[str, object]) -> str | None:
-        return "bad listener: port in use" if type_url == LISTENER and rejecting["on"] else None
+    def reject(type_url: str, resources: dict[str, object]) -> str | None:
+        refused = type_url == LISTENER and "tcp-in" in resources and rejecting["on"]
+        return "bad listener: port in use" if refused else None
 
     async def test(cache: SnapshotCache, channel: grpc.aio.Channel) -> None:
         snapshot = cache.get("edge")
         assert snapshot is not None
         status = cache.status
+        # SotW: the one response is refused. Delta: the response of both is refused, then each
+        # is sent alone to learn which one the client refuses.
+        listener_responses = 3 if delta else 1
         async with running(XdsClient(channel, "edge", delta=delta, reject=reject)) as client:
-            await client.wait_for(lambda c: any(r.nacked for r in c.history))
+            await client.wait_for(lambda c: types_of(c).count(LISTENER) == listener_responses)
             await client.wait_for(lambda _: status["edge"].of(LISTENER).nack is not None)
             nack = status["edge"].of(LISTENER).nack
             assert nack is not None
             assert (nack.code, nack.message, nack.version) == (3, "bad listener: port in use",
                                                                snapshot.version(LISTENER))
-            assert status["edge"].of(LISTENER).acked == ""
+            assert [r.names for r in client.history if r.type_url == LISTENER] == (
+                [("http-in", "tcp-in"), ("http-in",), ("tcp-in",)] if delta else [("http-in", "tcp-in")])
+            assert set(client.held[LISTENER]) == ({"http-in"} if delta else set())
             # CSDS (what `keepsrc status` shows) reports the rejection with Envoy's message.
             listener = (await csds_listener_status(channel, "edge"))
             assert listener.config_status == csds_pb2.ERROR
             assert listener.error_state.details == "bad listener: port in use"
             assert listener.error_state.version_info == snapshot.version(LISTENER)
-            # An unrelated change goes out; the rejected listeners are not sent again.
+            # An unrelated change goes out; the rejected listener is not sent again.
             moved = build_snapshots(topology(a_port=9100))["edge"]
             cache.set("edge", moved)
             await client.wait_for(lambda c: c.versions.get(ENDPOINT) == moved.version(ENDPOINT))
-            assert types_of(client).count(LISTENER) == 1
+            assert types_of(client).count(LISTENER) == listener_responses
+            assert (await csds_listener_status(channel, "edge")).config_status == csds_pb2.ERROR
             # A changed listener is sent, and accepted.
             rejecting["on"] = False
             fixed = build_snapshots(topology(tcp_service="b"))["edge"]

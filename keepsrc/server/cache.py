@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,6 +30,44 @@ def state_version(resources: Mapping[str, str]) -> str:
     return content_version("\n".join(f"{n}={v}" for n, v in sorted(resources.items())).encode())
 
 
+class _Encodings:
+    """Encoded responses of one Entry, bounded in bytes (oldest dropped first).
+
+    Keys are always what is served (resource names of the snapshot), never raw client input, and
+    the byte budget is a multiple of the snapshot's own size: a client asking for many distinct
+    subsets costs re-encoding, never unbounded memory.
+    """
+
+    __slots__ = ("_items", "_size", "budget")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._items: dict[object, tuple[int, object]] = {}
+        self._size = 0
+
+    def get(self, key: object) -> object | None:
+        item = self._items.get(key)
+        return None if item is None else item[1]
+
+    def put(self, key: object, value: object, size: int) -> None:
+        if size > self.budget:
+            return
+        self._items[key] = (size, value)
+        self._size += size
+        while self._size > self.budget:
+            oldest = next(iter(self._items))
+            self._size -= self._items.pop(oldest)[0]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# Encodings may take this many times the snapshot's own bytes (each legitimate subscription's
+# response is at most the whole snapshot; a fleet shares a handful of them).
+ENCODING_BUDGET_FACTOR = 4
+MIN_ENCODING_BUDGET = 1 << 20
+
+
 class Entry:
     """One snapshot plus the responses already encoded from it, shared by every stream it serves.
 
@@ -36,15 +75,16 @@ class Entry:
     once; the Entry (and its encodings) is dropped when the key gets a different snapshot.
     """
 
-    __slots__ = ("_any", "_delta", "_sotw", "_variants", "key", "snapshot")
+    __slots__ = ("_any", "_encodings", "_variants", "_wildcard_versions", "key", "snapshot")
 
     def __init__(self, key: str, snapshot: Snapshot) -> None:
         self.key = key
         self.snapshot = snapshot
         self._variants: dict[tuple[str, str], Mapping[str, Resource]] = {}
+        self._wildcard_versions: dict[tuple[str, str], str] = {}
         self._any: dict[tuple[str, str, str], bytes] = {}
-        self._sotw: dict[object, tuple[str, bytes]] = {}
-        self._delta: dict[object, bytes] = {}
+        size = sum(len(r.body) for resources in snapshot.resources.values() for r in resources.values())
+        self._encodings = _Encodings(max(MIN_ENCODING_BUDGET, ENCODING_BUDGET_FACTOR * size))
 
     def of_type(self, type_url: str, variant: str) -> Mapping[str, Resource]:
         """The resources of a type as a stream of `variant` sees them ("" for ADS; see per_type.py)."""
@@ -58,6 +98,15 @@ class Entry:
             }
         return resources
 
+    def wildcard_version(self, type_url: str, variant: str) -> str:
+        """The SotW version of every resource of a type (what a wildcard subscriber holds once in sync)."""
+        version = self._wildcard_versions.get((type_url, variant))
+        if version is None:
+            resources = self.of_type(type_url, variant)
+            version = self._wildcard_versions[(type_url, variant)] = state_version(
+                {n: r.version for n, r in resources.items()})
+        return version
+
     def _any_bytes(self, resource: Resource) -> bytes:
         key = (resource.type_url, resource.name, resource.version)
         encoded = self._any.get(key)
@@ -69,30 +118,38 @@ class Entry:
     def sotw_response(self, type_url: str, cache_key: object, resources: list[Resource]) -> tuple[str, bytes]:
         """(version, DiscoveryResponse bytes without a nonce) for `resources`, sorted by name.
 
-        `cache_key` must identify `resources` within this snapshot (the subscription), so equal
-        subscriptions share one encoding.
+        `cache_key` must identify `resources` within this snapshot, built from what is served
+        (names of this snapshot, versions of resources kept from an older one), never from
+        what a client asked for, so that equal responses share one encoding.
         """
-        cached = self._sotw.get(cache_key)
+        cached = self._encodings.get(cache_key)
         if cached is None:
             version = state_version({r.name: r.version for r in resources})
             body = b"".join(
                 [wire.text(wire.SOTW_VERSION_INFO, version), *(self._any_bytes(r) for r in resources),
                  wire.text(wire.SOTW_TYPE_URL, type_url)]
             )
-            cached = self._sotw[cache_key] = (version, body)
-        return cached
+            cached = (version, body)
+            self._encodings.put(cache_key, cached, len(body))
+        return cached  # type: ignore[return-value]
 
     def delta_resources(self, type_url: str, variant: str, resources: tuple[Resource, ...]) -> bytes:
         """The encoded `resources` field entries of a DeltaDiscoveryResponse, plus its type_url."""
-        cache_key = (type_url, variant, tuple(r.name for r in resources))
-        cached = self._delta.get(cache_key)
+        cache_key = ("delta", type_url, variant, tuple(r.name for r in resources))
+        cached = self._encodings.get(cache_key)
         if cached is None:
             entries = [
                 wire.field(wire.DELTA_RESOURCES, wire.delta_resource(r.name, r.version, r.type_url, r.body))
                 for r in resources
             ]
-            cached = self._delta[cache_key] = b"".join([*entries, wire.text(wire.DELTA_TYPE_URL, type_url)])
-        return cached
+            cached = b"".join([*entries, wire.text(wire.DELTA_TYPE_URL, type_url)])
+            self._encodings.put(cache_key, cached, len(cached))
+        return cached  # type: ignore[return-value]
+
+    def retire(self) -> None:
+        """Keep only the snapshot: a superseded Entry stays in the history for reconnects, not its encodings."""
+        self._any.clear()
+        self._encodings = _Encodings(0)
 
 
 # slots: one NodeStatus and a TypeStatus per type exist for every connected Envoy.
@@ -108,8 +165,9 @@ class Nack:
 class TypeStatus:
     sent: str = ""  # last version sent (or, after a reconnect, reported as held)
     acked: str = ""  # last version the node accepted: the node's actual state
-    nack: Nack | None = None  # the last rejection, cleared by a later ACK
+    nack: Nack | None = None  # the rejection the node's state still reflects; cleared once it no longer does
     responses: int = 0  # responses sent for this type, over all of the node's streams
+    waiting: bool = False  # a newer version is ready but waits (one response in flight per type)
 
 
 @dataclass(slots=True)
@@ -134,8 +192,13 @@ class SnapshotCache:
     serves them.
     """
 
+    # Superseded entries kept per key, so a SotW Envoy that reconnects holding one of them is
+    # known to hold exactly those resources (and keeps make-before-break on the next change).
+    HISTORY = 4
+
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
+        self._history: dict[str, deque[Entry]] = {}
         self._watchers: dict[str, set[Watcher]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.status: dict[str, NodeStatus] = {}  # by node.id, for the nodes connected now
@@ -172,10 +235,14 @@ class SnapshotCache:
             if snapshot is None:
                 if old is not None:
                     del self._entries[key]
+                    self._history.pop(key, None)
                     changed.append(key)
             # Content-addressed versions: an identical rebuild keeps the old Entry and its encodings.
             elif old is None or old.snapshot.version_info != snapshot.version_info:
                 self._entries[key] = Entry(key, snapshot)
+                if old is not None:
+                    old.retire()
+                    self._history.setdefault(key, deque(maxlen=self.HISTORY)).appendleft(old)
                 changed.append(key)
         for key in changed:
             for watcher in list(self._watchers.get(key, ())):
@@ -184,6 +251,14 @@ class SnapshotCache:
     def resolve(self, node_id: str, node_cluster: str) -> Entry | None:
         """The entry for a node: by node.id first, else node.cluster (a fleet of identical Envoys)."""
         return self._entries.get(node_id) or (self._entries.get(node_cluster) if node_cluster else None)
+
+    def held_resources(self, entry: Entry, type_url: str, variant: str, version: str) -> Mapping[str, Resource] | None:
+        """Every resource of a type as served in `entry` or a recent predecessor whose wildcard
+        version is `version` (what a reconnecting SotW Envoy reports holding); None if unknown."""
+        for candidate in (entry, *self._history.get(entry.key, ())):
+            if candidate.wildcard_version(type_url, variant) == version:
+                return candidate.of_type(type_url, variant)
+        return None
 
     # -- watchers (streams) -----------------------------------------------------------------
     def watch(self, watcher: Watcher, keys: tuple[str, ...]) -> None:

@@ -20,7 +20,8 @@ SERVICE = "envoy.service.status.v3.ClientStatusDiscoveryService"
 
 def client_status(cache: SnapshotCache) -> csds_pb2.ClientStatusResponse:
     """One ClientConfig per connected node: per type the ACKed version, whether it is the last
-    version sent (SYNCED) or a newer one is in flight (STALE), and the last NACK (ERROR)."""
+    version sent with nothing newer waiting (SYNCED) or a newer one is in flight or waiting
+    (STALE), and a NACK whose rejected content the snapshot still holds (ERROR)."""
     response = csds_pb2.ClientStatusResponse()
     for node_id, status in sorted(cache.status.items()):
         config = response.config.add(node=base_pb2.Node(id=node_id, cluster=status.cluster))
@@ -35,7 +36,7 @@ def client_status(cache: SnapshotCache) -> csds_pb2.ClientStatusResponse:
                 xds.error_state.details = state.nack.message
                 xds.error_state.version_info = state.nack.version
                 xds.error_state.last_update_attempt.CopyFrom(timestamp_pb2.Timestamp(seconds=int(state.nack.at)))
-            elif state.acked and state.acked == state.sent:
+            elif state.acked and state.acked == state.sent and not state.waiting:
                 xds.config_status = csds_pb2.SYNCED
                 xds.client_status = config_dump_shared_pb2.ACKED
             else:

@@ -2,83 +2,126 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
 from keepsrc.server import wire
-from keepsrc.server.stream import WILDCARD_TYPES, Stream
-from keepsrc.snapshots.snapshot import Resource
+from keepsrc.server.cache import state_version
+from keepsrc.server.stream import WILDCARD_TYPES, Stream, Subscription
+from keepsrc.snapshots.snapshot import CLUSTER, ENDPOINT, Resource
+
+_NOTHING: Mapping[str, Resource] = MappingProxyType({})
 
 
 @dataclass(slots=True)
-class _Subscription:
-    wildcard: bool
+class _Subscription(Subscription):
     names: frozenset[str] = frozenset()
-    nonce: str = ""  # of the last response; an ACK or NACK must echo it
-    outstanding: bool = False  # the last response is not answered yet
-    version: str = ""  # version of the last response (or the one Envoy reported holding)
-    held: dict[str, Resource] = field(default_factory=dict)  # what that response carried
+    # What the client holds: the resources of the last response (restricted to the names it still
+    # asks for). Unknown after a reconnect whose version this server never served.
+    held: Mapping[str, Resource] = field(default_factory=lambda: _NOTHING)
+    held_known: bool = True
+
+
+@dataclass(slots=True)
+class _Response:
+    version: str
+    body: bytes
+    resources: Mapping[str, Resource]
 
 
 class SotwStream(Stream):
     __slots__ = ()
     variant_name = "sotw"
 
-    async def on_request(self, request: DiscoveryRequest) -> None:
-        type_url = request.type_url
-        sub = self.subscriptions.get(type_url)
+    def on_request(self, type_url: str, request: DiscoveryRequest) -> None:
+        self.check_names(type_url, len(request.resource_names))
         names = frozenset(request.resource_names)
+        sub = self.subscriptions.get(type_url)
         if sub is None:
             wildcard = type_url in WILDCARD_TYPES and (not names or "*" in names)
-            sub = self.subscriptions[type_url] = _Subscription(wildcard, names - {"*"})
+            sub = self.subscriptions[type_url] = _Subscription(wildcard, names=names - {"*"})
             if request.version_info:
-                # A reconnect (to us or a restarted server): Envoy already holds this version.
-                # Versions are content hashes, so if ours is the same there is nothing to send.
-                sub.version = request.version_info
-                self.record_ack(type_url, request.version_info)
-        elif request.response_nonce != sub.nonce:
-            return  # answers an older response; Envoy will answer the newer one (xDS spec)
-        else:
-            sub.outstanding = False
-            if request.HasField("error_detail"):
-                # Keep sub.version at the rejected version: it is not sent again until it changes.
-                self.record_nack(type_url, sub.version, request.error_detail)
-            else:
-                self.record_ack(type_url, request.version_info)
-            if not sub.wildcard:
-                sub.names = names
-        await self.respond(type_url, sub, send_removals=not self.removals_pending)
-        await self.finish_removals()
+                self._seed(type_url, sub, request.version_info)
+            return
+        # A request that answers an older response than the last is ignored: Envoy answers the
+        # newer one too, with its current names (xDS spec). Before our first response on this
+        # stream nothing is older, whatever nonce a client kept from an earlier server.
+        if sub.nonce and request.response_nonce != sub.nonce:
+            return
+        self.answer(type_url, sub, request)
+        if not sub.wildcard and names != sub.names:
+            sub.names = names
+            sub.settled = None
+            # Envoy drops what it no longer asks for; asked again, it must be sent again.
+            if sub.held_known:
+                sub.held = {n: r for n, r in sub.held.items() if n in names}
+                sub.version = _state(sub.held) if sub.held else ""
+            elif not names:
+                sub.held, sub.held_known, sub.version = _NOTHING, True, ""
 
-    async def respond(self, type_url: str, sub: _Subscription, send_removals: bool) -> bool:
-        """Send this type if its content differs from the last response; True if removals were held back."""
-        if self.entry is None:
-            return False
-        current = self.entry.of_type(type_url, self.variant)
-        held_back = False
+    def _seed(self, type_url: str, sub: _Subscription, version: str) -> None:
+        """A reconnect (to us or a restarted server): the client holds `version`. Content-hash
+        versions mean an unchanged type needs nothing; for CDS/LDS, knowing which resources that
+        version had keeps the next change make-before-break."""
+        sub.version = version
+        held = None
+        if sub.wildcard and self.entry is not None:
+            held = self.cache.held_resources(self.entry, type_url, self.variant, version)
+        sub.held, sub.held_known = (held, True) if held is not None else (_NOTHING, False)
+        self.record_held(type_url, version)
+
+    def plan(self, type_url: str, sub: _Subscription, removals: bool) -> _Response | None:
+        entry = self.entry
+        if entry is None or sub.settled is entry:
+            return None
+        current = entry.of_type(type_url, self.variant)
+        forced = False
         if sub.wildcard:
-            removed = {n: r for n, r in sub.held.items() if n not in current}
-            if removed and not send_removals:
+            removed = {} if sub.held is current else {n: r for n, r in sub.held.items() if n not in current}
+            if removed and not removals:
                 # Make before break: keep what is going away until the replacements are in place.
-                held_back = True
-                resources = sorted([*current.values(), *removed.values()], key=lambda r: r.name)
-                cache_key: object = (type_url, self.variant, frozenset((n, r.version) for n, r in removed.items()))
+                resources: Mapping[str, Resource] = dict(sorted({**current, **removed}.items()))
+                key: object = ("kept", type_url, self.variant, frozenset((n, r.version) for n, r in removed.items()))
             else:
-                resources = list(current.values())
-                cache_key = (type_url, self.variant)
+                resources, key = current, ("all", type_url, self.variant)
         else:
-            resources = [current[n] for n in sorted(sub.names) if n in current]
-            if not resources:
+            served = tuple(n for n in sorted(sub.names) if n in current)
+            if not served:
                 # Nothing asked exists (yet), or Envoy unsubscribed all: an empty response would
                 # remove nothing in SotW, and before the first one Envoy should wait, not get [].
-                return False
-            cache_key = (type_url, self.variant, sub.names)
-        version, body = self.entry.sotw_response(type_url, cache_key, resources)
-        if version == sub.version:
-            return held_back
-        sub.nonce, sub.outstanding, sub.version = wire.next_nonce(), True, version
-        sub.held = {r.name: r for r in resources}
-        self.record_sent(type_url, version)
-        await self.context.write(body + wire.text(wire.SOTW_NONCE, sub.nonce))
-        return held_back
+                return None
+            resources, key = {n: current[n] for n in served}, ("named", type_url, self.variant, served)
+            forced = type_url == ENDPOINT and not self.refresh.isdisjoint(served)
+        version, body = entry.sotw_response(type_url, key, list(resources.values()))
+        if version == sub.version and not forced:
+            return None
+        return _Response(version, body, resources)
+
+    async def send(self, type_url: str, sub: _Subscription, response: _Response) -> None:
+        before, before_known = sub.held, sub.held_known
+        sub.nonce, sub.outstanding, sub.version = wire.next_nonce(), True, response.version
+        sub.held, sub.held_known, sub.settled = response.resources, True, None
+        self.record_sent(type_url, response.version)
+        if type_url == CLUSTER:
+            self.clusters_pushed(
+                n for n, r in response.resources.items()
+                if not before_known or n not in before or before[n].version != r.version
+            )
+        elif type_url == ENDPOINT:
+            self.refresh.difference_update(response.resources)
+        await self.context.write(response.body + wire.text(wire.SOTW_NONCE, sub.nonce))
+
+    def still_rejected(self, type_url: str, sub: _Subscription) -> bool:
+        # After a NACK, sub.version stays at the rejected version: it is not sent again until the
+        # snapshot changes. SotW responses are whole, so the next one replaces whatever part of
+        # the rejected one Envoy did apply.
+        assert self.status is not None
+        nack = self.status.of(type_url).nack
+        return nack is not None and nack.version == sub.version
+
+
+def _state(resources: Mapping[str, Resource]) -> str:
+    return state_version({n: r.version for n, r in resources.items()})

@@ -1,10 +1,25 @@
-"""What SotW and delta streams share: identifying the node, watching its snapshot, serialized pushes."""
+"""What SotW and delta streams share: identifying the node, the ACK/NACK bookkeeping, and the
+order in which a stream brings its Envoy to the current snapshot.
+
+Every stream converges by one rule, `sync()`, run after each request and each snapshot change:
+
+- one response in flight per type: the next one waits for the ACK or NACK of the last, so every
+  answer refers to exactly one response and a NACK can never be lost behind a later ACK;
+- make before break: types go in the order clusters, endpoints, listeners, routes, and a type
+  whose update waits (its last response unanswered) holds back the types after it;
+- removals go out only once every update is answered, listeners first, so nothing still in use
+  loses the cluster or route it points at;
+- a cluster pushed in CDS is followed by its endpoints (EDS) even when they did not change:
+  Envoy re-warms a modified cluster and leaves warming only on a ClusterLoadAssignment response.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -15,10 +30,13 @@ from keepsrc.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SHORT
 log = logging.getLogger("keepsrc.server")
 
 ALL_TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+PUSH_ORDER = ALL_TYPES  # make before break: what a resource refers to goes before it
+REMOVAL_ORDER = (LISTENER, ROUTE, CLUSTER, ENDPOINT)  # break after make: users go before what they use
 WILDCARD_TYPES = frozenset({LISTENER, CLUSTER})  # LDS/CDS: Envoy asks for everything
-# Removals go out only after the adds of the same push were answered, listeners first so nothing
-# still in use loses the cluster or route it points at.
-REMOVAL_ORDER = (LISTENER, ROUTE, CLUSTER, ENDPOINT)
+# A subscription naming more resources than this is refused: Envoy names what it was served, so only
+# a broken or hostile client gets near it, and the names are held for as long as the stream lives.
+MAX_SUBSCRIBED_NAMES = 100_000
+MAX_LOGGED_UNKNOWN_TYPES = 8  # per stream: a client sending junk type URLs is logged, not the junk
 
 
 def short(type_url: str) -> str:
@@ -26,15 +44,33 @@ def short(type_url: str) -> str:
 
 
 class StreamError(Exception):
-    """The client broke the protocol; the stream ends with INVALID_ARGUMENT."""
+    """The client broke the protocol; the stream ends with `code`."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class Subscription:
+    """One type on one stream. Protocols add what their client holds."""
+
+    wildcard: bool
+    nonce: str = ""  # of the last response; an ACK or NACK must echo it
+    outstanding: bool = False  # the last response is not answered yet
+    version: str = ""  # version of the client's state after the last response (or reported on reconnect)
+    # The Entry for which this subscription has nothing left to send (removals included); None
+    # when a request, NACK or refresh may have changed that. Spares a scan of the resources on
+    # every ACK of a large snapshot.
+    settled: Entry | None = None
 
 
 class Stream:
-    """One xDS stream (ADS or a single type). Subclasses implement on_request and respond."""
+    """One xDS stream (ADS or a single type). Subclasses implement on_request, plan and send."""
 
     # Thousands of these live for as long as their Envoys are connected.
-    __slots__ = ("_dirty", "_keys", "_lock", "_pusher", "cache", "context", "entry", "node_cluster", "node_id",
-                 "removals_pending", "status", "subscriptions", "type_urls", "variant")
+    __slots__ = ("_dirty", "_keys", "_lock", "_pusher", "_unknown_types", "cache", "context", "entry",
+                 "node_cluster", "node_id", "refresh", "status", "subscriptions", "type_urls", "variant")
 
     variant_name = ""  # per-type streams of this protocol: which resource variant they get
 
@@ -50,9 +86,10 @@ class Stream:
         self.node_cluster = ""
         self.status: NodeStatus | None = None
         self.entry: Entry | None = None
-        self.removals_pending = False
-        # type URL -> the subclass's subscription (each has `outstanding`)
-        self.subscriptions: dict[str, Any] = {}
+        self.subscriptions: dict[str, Any] = {}  # type URL -> the protocol's Subscription
+        # EDS clusters just pushed in CDS whose endpoints must follow, changed or not.
+        self.refresh: set[str] = set()
+        self._unknown_types: set[str] = set()
         self._lock = asyncio.Lock()
         self._dirty = False
         self._pusher: asyncio.Task[None] | None = None
@@ -67,13 +104,15 @@ class Stream:
                     return
                 if self.status is None:
                     self._identify(request)
-                if request.type_url not in self.type_urls:
-                    raise StreamError(f"type {request.type_url!r} is not served on this stream")
+                type_url = self._type_of(request)
+                if type_url is None:
+                    continue
                 async with self._lock:
-                    await self.on_request(request)
+                    self.on_request(type_url, request)
+                    await self.sync()
         except StreamError as exc:
             log.warning("node %s: %s; closing the stream", self.node_id or "?", exc)
-            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self.context.abort(exc.code, str(exc))
         finally:
             if self._pusher is not None:
                 self._pusher.cancel()
@@ -84,6 +123,24 @@ class Stream:
                     log.info("node %s disconnected", self.node_id)
                     # Fleets churn through node ids (pods); keep state only for connected nodes.
                     self.cache.forget(self.status)
+
+    def _type_of(self, request: Any) -> str | None:
+        """The request's type; None for a type ADS does not serve, which is ignored (the stream stays)."""
+        type_url: str = request.type_url
+        if len(self.type_urls) == 1:
+            # A per-type service implies its type; go-control-plane fills an empty one in too.
+            if type_url in ("", self.type_urls[0]):
+                return self.type_urls[0]
+            raise StreamError(f"type {type_url!r} is not served on the {short(self.type_urls[0])} service")
+        if type_url in self.type_urls:
+            return type_url
+        # An Envoy asking ADS for secrets (SDS) or runtime (RTDS) keeps everything else it gets from
+        # us; closing the stream would leave it with no config at all.
+        if type_url not in self._unknown_types and len(self._unknown_types) < MAX_LOGGED_UNKNOWN_TYPES:
+            self._unknown_types.add(type_url)
+            log.warning("node %s asks for %r, which keepsrc does not serve; ignoring it (the stream goes on)",
+                        self.node_id, type_url[:200])
+        return None
 
     def _identify(self, request: Any) -> None:
         node = request.node
@@ -116,7 +173,7 @@ class Stream:
 
     # -- snapshot changes -------------------------------------------------------------------
     def snapshot_changed(self) -> None:
-        """Called by the cache; coalesces bursts of changes into one push at a time."""
+        """Called by the cache; coalesces bursts of changes into one sync at a time."""
         self._dirty = True
         if self._pusher is None:
             self._pusher = asyncio.get_running_loop().create_task(self._push_loop())
@@ -130,30 +187,128 @@ class Stream:
                     self.entry = self.cache.resolve(self.node_id, self.node_cluster)
                     if self.entry is not previous:
                         self._log_entry(previous)
-                    if self.entry is not None:
-                        await self.push()
+                    await self.sync()
         except (grpc.aio.AioRpcError, RuntimeError, asyncio.InvalidStateError) as exc:
             # The stream went away mid-push; run() is finishing it.
             log.debug("node %s: push aborted: %s", self.node_id, exc)
         finally:
             self._pusher = None
 
-    # -- bookkeeping shared by both protocols -----------------------------------------------
+    # -- convergence ------------------------------------------------------------------------
+    async def sync(self) -> None:
+        """Send what the client lacks, in make-before-break order, one response per type in flight."""
+        entry, status = self.entry, self.status
+        if entry is None or status is None:
+            return
+        waiting = False
+        for type_url in PUSH_ORDER:
+            sub = self.subscriptions.get(type_url)
+            if sub is None:
+                continue
+            if sub.outstanding or waiting:
+                # Its update (if any) waits for the answer in flight; so does every later type's.
+                has_update = self.plan(type_url, sub, removals=False) is not None
+                status.of(type_url).waiting = has_update
+                waiting = waiting or has_update
+                continue
+            status.of(type_url).waiting = False
+            response = self.plan(type_url, sub, removals=False)
+            if response is not None:
+                await self.send(type_url, sub, response)
+        if waiting or any(sub.outstanding for sub in self.subscriptions.values()):
+            return
+        for type_url in REMOVAL_ORDER:
+            sub = self.subscriptions.get(type_url)
+            if sub is None or sub.settled is entry:
+                continue
+            response = self.plan(type_url, sub, removals=True)
+            if response is None:
+                sub.settled = entry
+                self._settle(type_url, sub)
+            else:
+                await self.send(type_url, sub, response)
+
+    def _settle(self, type_url: str, sub: Subscription) -> None:
+        """Nothing left to send: if the snapshot moved off a rejected version, the client holds
+        what we serve again and the NACK no longer applies."""
+        assert self.status is not None
+        status = self.status.of(type_url)
+        if status.nack is not None and not self.still_rejected(type_url, sub):
+            log.info("node %s: %s is back at a version it holds (%s); the NACK no longer applies",
+                     self.node_id, short(type_url), sub.version)
+            status.nack, status.sent, status.acked = None, sub.version, sub.version
+
+    def plan(self, type_url: str, sub: Any, removals: bool) -> Any:
+        """The response that brings the client to the current snapshot, or None if it needs none.
+        Without `removals`, resources that are gone stay (SotW) or are not removed yet (delta)."""
+        raise NotImplementedError
+
+    async def send(self, type_url: str, sub: Any, response: Any) -> None:
+        raise NotImplementedError
+
+    def on_request(self, type_url: str, request: Any) -> None:
+        """Apply a request to the type's subscription (ACK, NACK, names); sync() answers it."""
+        raise NotImplementedError
+
+    def clusters_pushed(self, names: Iterable[str]) -> None:
+        """CDS just carried these clusters: Envoy re-warms each and waits for its endpoints."""
+        if ENDPOINT not in self.type_urls or self.entry is None:
+            return
+        eds = self.entry.of_type(ENDPOINT, self.variant)
+        fresh = [name for name in names if name in eds]
+        if fresh:
+            self.refresh.update(fresh)
+            sub = self.subscriptions.get(ENDPOINT)
+            if sub is not None:
+                sub.settled = None
+
+    # -- ACK/NACK bookkeeping (both protocols) ----------------------------------------------
+    def answer(self, type_url: str, sub: Subscription, request: Any) -> bool:
+        """If `request` answers the response in flight, record the ACK or NACK; True if it did."""
+        if not sub.outstanding or request.response_nonce != sub.nonce:
+            return False
+        sub.outstanding = False
+        if request.HasField("error_detail"):
+            self._record_nack(type_url, sub.version, request.error_detail)
+            self.rejected(type_url, sub)
+        else:
+            self.accepted(type_url, sub)
+            self._record_ack(type_url, sub.version, still_rejected=self.still_rejected(type_url, sub))
+        return True
+
+    def rejected(self, type_url: str, sub: Any) -> None:
+        """The client refused the response in flight (protocol hook)."""
+
+    def accepted(self, type_url: str, sub: Any) -> None:
+        """The client took the response in flight (protocol hook)."""
+
+    def still_rejected(self, type_url: str, sub: Any) -> bool:
+        """Whether a past NACK still describes the client: what it refused is what we serve."""
+        raise NotImplementedError
+
     def record_sent(self, type_url: str, version: str) -> None:
         assert self.status is not None
         status = self.status.of(type_url)
         status.sent = version
         status.responses += 1
 
-    def record_ack(self, type_url: str, version: str) -> None:
+    def record_held(self, type_url: str, version: str) -> None:
+        """On (re)connect the client reports what it holds: that is both sent and ACKed."""
+        assert self.status is not None
+        status = self.status.of(type_url)
+        status.sent = status.acked = version
+        log.info("node %s: holds %s version %s", self.node_id, short(type_url), version)
+
+    def _record_ack(self, type_url: str, version: str, still_rejected: bool) -> None:
         assert self.status is not None
         status = self.status.of(type_url)
         if status.acked != version or status.nack is not None:
             log.info("node %s: ACK %s version %s", self.node_id, short(type_url), version)
         status.acked = version
-        status.nack = None
+        if not still_rejected:
+            status.nack = None
 
-    def record_nack(self, type_url: str, version: str, error: Any) -> None:
+    def _record_nack(self, type_url: str, version: str, error: Any) -> None:
         """`error` is the request's google.rpc.Status error_detail: Envoy's reason for rejecting."""
         assert self.status is not None
         status = self.status.of(type_url)
@@ -161,37 +316,7 @@ class Stream:
         log.warning("node %s: NACK %s version %s (keeps %s): code %d: %s", self.node_id, short(type_url),
                     version, status.acked or "nothing", error.code, error.message)
 
-    def record_in_sync(self, type_url: str, version: str) -> None:
-        """Delta: the snapshot came back to what the node holds, so a past NACK no longer applies."""
-        assert self.status is not None
-        status = self.status.of(type_url)
-        if status.acked == version and status.nack is not None:
-            log.info("node %s: %s is back at the ACKed version %s", self.node_id, short(type_url), version)
-            status.sent, status.nack = version, None
-
-    async def on_request(self, request: Any) -> None:
-        raise NotImplementedError
-
-    async def respond(self, type_url: str, sub: Any, send_removals: bool) -> bool:
-        """Send this type if it changed; True if removals were held back (send_removals False)."""
-        raise NotImplementedError
-
-    async def push(self) -> None:
-        """A new snapshot: send every subscribed type in make-before-break order, removals later."""
-        removals = False
-        for type_url in ALL_TYPES:
-            sub = self.subscriptions.get(type_url)
-            if sub is not None:
-                removals |= await self.respond(type_url, sub, send_removals=False)
-        self.removals_pending = self.removals_pending or removals
-        await self.finish_removals()
-
-    async def finish_removals(self) -> None:
-        """Once every response of the push is answered, send what removes the resources gone."""
-        if not self.removals_pending or any(s.outstanding for s in self.subscriptions.values()):
-            return
-        self.removals_pending = False
-        for type_url in REMOVAL_ORDER:
-            sub = self.subscriptions.get(type_url)
-            if sub is not None:
-                await self.respond(type_url, sub, send_removals=True)
+    def check_names(self, type_url: str, count: int) -> None:
+        if count > MAX_SUBSCRIBED_NAMES:
+            raise StreamError(f"a {short(type_url)} subscription of {count} names is over the limit of "
+                              f"{MAX_SUBSCRIBED_NAMES}", grpc.StatusCode.RESOURCE_EXHAUSTED)
