@@ -7,8 +7,8 @@ Every stream converges by one rule, `sync()`, run after each request and each sn
   answer refers to exactly one response and a NACK can never be lost behind a later ACK;
 - make before break: types go in the order clusters, endpoints, listeners, routes, and a type
   whose update waits (its last response unanswered) holds back the types after it;
-- removals go out only once every update is answered, listeners first, so nothing still in use
-  loses the cluster or route it points at;
+- removals go out only once every update is answered and no rejection stands, listeners first,
+  so nothing still in use loses the cluster or route it points at;
 - a cluster pushed in CDS is followed by its endpoints (EDS) even when they did not change:
   Envoy re-warms a modified cluster and leaves warming only on a ClusterLoadAssignment response.
 """
@@ -205,6 +205,8 @@ class Stream:
             sub = self.subscriptions.get(type_url)
             if sub is None:
                 continue
+            if type_url == LISTENER and self._clusters_warming():
+                waiting = True
             if sub.outstanding or waiting:
                 # Its update (if any) waits for the answer in flight; so does every later type's.
                 has_update = self.plan(type_url, sub, removals=False) is not None
@@ -217,6 +219,14 @@ class Stream:
                 await self.send(type_url, sub, response)
         if waiting or any(sub.outstanding for sub in self.subscriptions.values()):
             return
+        for type_url, sub in self.subscriptions.items():
+            if status.of(type_url).nack is not None:
+                self._settle(type_url, sub)
+        if any(status.of(t).nack is not None for t in self.subscriptions):
+            # After a NACK the client holds a mix of old and new we cannot see into (its old
+            # listener may still use the cluster the new one dropped): remove nothing until a
+            # version it accepts replaces the rejected one.
+            return
         for type_url in REMOVAL_ORDER:
             sub = self.subscriptions.get(type_url)
             if sub is None or sub.settled is entry:
@@ -224,19 +234,27 @@ class Stream:
             response = self.plan(type_url, sub, removals=True)
             if response is None:
                 sub.settled = entry
-                self._settle(type_url, sub)
             else:
                 await self.send(type_url, sub, response)
 
     def _settle(self, type_url: str, sub: Subscription) -> None:
-        """Nothing left to send: if the snapshot moved off a rejected version, the client holds
-        what we serve again and the NACK no longer applies."""
+        """Nothing in flight or to send: if the snapshot moved off a rejected version, the client
+        holds what we serve again and the NACK no longer applies."""
         assert self.status is not None
         status = self.status.of(type_url)
         if status.nack is not None and not self.still_rejected(type_url, sub):
             log.info("node %s: %s is back at a version it holds (%s); the NACK no longer applies",
                      self.node_id, short(type_url), sub.version)
             status.nack, status.sent, status.acked = None, sub.version, sub.version
+
+    def _clusters_warming(self) -> bool:
+        """Listeners and routes wait while a CDS response is unanswered or a cluster it carried has
+        not had its endpoints sent: Envoy would take a listener that points at a warming cluster,
+        and fail its connections until the cluster is ready."""
+        clusters = self.subscriptions.get(CLUSTER)
+        if clusters is not None and clusters.outstanding:
+            return True
+        return bool(self.refresh) and self.subscriptions.get(ENDPOINT) is not None
 
     def plan(self, type_url: str, sub: Any, removals: bool) -> Any:
         """The response that brings the client to the current snapshot, or None if it needs none.
