@@ -40,7 +40,7 @@ def client_status(cache: SnapshotCache) -> csds_pb2.ClientStatusResponse:
                 xds.config_status = csds_pb2.SYNCED
                 xds.client_status = config_dump_shared_pb2.ACKED
             else:
-                xds.config_status = csds_pb2.STALE if state.acked else csds_pb2.NOT_SENT
+                xds.config_status = csds_pb2.STALE if state.sent or state.waiting else csds_pb2.NOT_SENT
                 xds.client_status = config_dump_shared_pb2.ACKED if state.acked else config_dump_shared_pb2.REQUESTED
     return response
 
