@@ -57,4 +57,4 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def _on_sighup(source: TopologySource) -> None:
     log.info("SIGHUP; reloading %s", source.name)
-    source.load()
+    source.reload_soon(force=True)  # off the event loop, so the streams keep being served
