@@ -6,6 +6,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 
+def printable(text: str) -> str:
+    """`text` with every non-printable character (line breaks, tabs, control codes) escaped as repr
+    does, so that one finding is always one line of output, starting with file:line:col."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class Severity(StrEnum):
     ERROR = "error"
     WARNING = "warning"
@@ -21,8 +29,10 @@ class Diagnostic:
     severity: Severity = Severity.ERROR
 
     def __str__(self) -> str:
-        where = f"{self.path}: " if self.path else ""
-        return f"{self.file}:{self.line}:{self.col}: {self.severity}: {where}{self.message}"
+        # Messages already quote the file's text escaped; this also covers a file name or a YAML
+        # error text that carries a control character.
+        where = f"{printable(self.path)}: " if self.path else ""
+        return f"{printable(self.file)}:{self.line}:{self.col}: {self.severity}: {where}{printable(self.message)}"
 
 
 class TopologyError(Exception):
