@@ -1,7 +1,8 @@
 """ADS benchmark: simulated Envoys (this process) against a `keepsrc serve` process.
 
 For 100, 1,000 and 5,000 ADS streams that subscribe and ACK like Envoy (tests/support/xds_client.py),
-sharing one proxy entry as a fleet does (same node.cluster, distinct node ids), it measures:
+sharing one proxy entry as a fleet does (same node.cluster, distinct node ids), or with
+--distinct one proxy entry each (1,000 node ids, each its own listeners), it measures:
   (a) time from a topology file change to the last ACK of the new version, median and p99 over
       --changes edits (each moves an endpoint, so EDS changes and nothing else);
   (b) server RSS per connected stream (RSS with all streams idle minus RSS before any stream);
@@ -9,7 +10,7 @@ sharing one proxy entry as a fleet does (same node.cluster, distinct node ids), 
   baseline, in the same run: RSS per idle stream of a bare grpc.aio server (ads_baseline_server.py).
 Targets on a 2-core machine: 1,000 streams converge < 300 ms; 5,000 < 2 s; < 20 KB RSS per idle stream.
 
-    .venv/bin/python benchmarks/bench_ads.py [--streams 100,1000,5000] [--changes 5] [--delta]
+    .venv/bin/python benchmarks/bench_ads.py [--streams 100,1000,5000] [--changes 5] [--delta] [--distinct]
 
 Not a test: it prints numbers and checks nothing.
 """
@@ -44,28 +45,32 @@ from tests.support.xds_client import XdsClient  # noqa: E402
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def topology(port: int) -> str:
-    """A realistic small proxy: a TCP and an HTTP listener over three services."""
+def topology(port: int, proxies: int = 0) -> str:
+    """A realistic small proxy: a TCP and an HTTP listener over three services. With `proxies`,
+    that many distinct entries edge-0 ... (each its own listeners), instead of one fleet entry."""
+    names = [f"edge-{i}" for i in range(proxies)] if proxies else ["edge"]
+    entries = "".join(f"""  {name}:
+    listeners:
+      - {{name: db-in, address: "0.0.0.0:{15432 + i % 1000}", protocol: tcp, service: db}}
+      - name: http-in
+        address: 0.0.0.0:{8000 + i % 1000}
+        protocol: http
+        routes: [{{prefix: /api, service: api}}, {{prefix: /, service: web}}]
+""" for i, name in enumerate(names))
     return f"""apiVersion: keepsrc/v1
 services:
   web: {{endpoints: ["10.0.0.1:{port}", "10.0.0.2:8080"]}}
   api: {{endpoints: ["10.0.1.1:8080", "10.0.1.2:8080"]}}
   db: {{endpoints: ["10.0.2.1:5432"]}}
 proxies:
-  edge:
-    listeners:
-      - {{name: db-in, address: "0.0.0.0:15432", protocol: tcp, service: db}}
-      - name: http-in
-        address: 0.0.0.0:8000
-        protocol: http
-        routes: [{{prefix: /api, service: api}}, {{prefix: /, service: web}}]
-"""
+{entries}"""
 
 
 def expected_endpoint_version(text: str) -> str:
     topo, diagnostics = check_topology_text(text)
     assert topo is not None, diagnostics
-    return build_snapshots(topo)["edge"].version(ENDPOINT)
+    # Every proxy entry uses the same three services, so they share one EDS version.
+    return next(iter(build_snapshots(topo).values())).version(ENDPOINT)
 
 
 def rss_kb(pid: int) -> int:
@@ -96,9 +101,11 @@ async def keep_running(client: XdsClient, state: dict[str, Any]) -> None:
             await asyncio.sleep(0.2 + random.random())
 
 
-async def run_size(n: int, changes: int, delta: bool, per_connection: int, workdir: Path) -> dict[str, float]:
+async def run_size(n: int, changes: int, delta: bool, per_connection: int, workdir: Path,
+                   distinct: bool = False) -> dict[str, float]:
+    proxies = n if distinct else 0
     path = workdir / f"topology-{n}.yaml"
-    path.write_text(topology(8080))
+    path.write_text(topology(8080, proxies))
     port = free_port()
     log = (workdir / f"server-{n}.log").open("wb")
     server = subprocess.Popen(
@@ -129,7 +136,7 @@ async def run_size(n: int, changes: int, delta: bool, per_connection: int, workd
         for i in range(n):
             if i % per_connection == 0:
                 channels.append(grpc.aio.insecure_channel(target))
-            clients.append(XdsClient(channels[-1], f"edge-{i}", "edge", delta=delta, on_ack=on_ack,
+            clients.append(XdsClient(channels[-1], f"edge-{i}", "" if distinct else "edge", delta=delta, on_ack=on_ack,
                                      keep_history=False))
         started = time.monotonic()
         # All at once, like a fleet reconnecting to a restarted server.
@@ -141,7 +148,7 @@ async def run_size(n: int, changes: int, delta: bool, per_connection: int, workd
 
         converge, cpu = [], []
         for k in range(changes):
-            text = topology(9000 + k)
+            text = topology(9000 + k, proxies)
             state.update(expected=expected_endpoint_version(text), done=0)
             all_done.clear()
             cpu_before = cpu_seconds(server.pid)
@@ -215,16 +222,19 @@ async def main() -> None:
     parser.add_argument("--streams", default="100,1000,5000", help="comma-separated stream counts")
     parser.add_argument("--changes", type=int, default=5, help="topology edits per size (default 5)")
     parser.add_argument("--delta", action="store_true", help="delta ADS instead of state of the world")
+    parser.add_argument("--distinct", action="store_true",
+                        help="one proxy entry per stream (node ids edge-0 ...), not one fleet entry")
     parser.add_argument("--streams-per-connection", type=int, default=10,
                         help="ADS streams multiplexed on one HTTP/2 connection (default 10)")
     args = parser.parse_args()
-    print(f"{'delta' if args.delta else 'SotW'} ADS, {args.streams_per_connection} streams per connection, "
+    print(f"{'delta' if args.delta else 'SotW'} ADS, {'distinct entries' if args.distinct else 'one fleet entry'}, "
+          f"{args.streams_per_connection} streams per connection, "
           f"{args.changes} changes per size, {os.cpu_count()} CPUs")
     print(f"{'streams':>8} {'connect s':>10} {'median ms':>10} {'p99 ms':>8} {'KB/stream':>10} "
           f"{'bare grpc KB':>13} {'idle RSS MB':>12} {'CPU s/push':>11} {'reconnects':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(s) for s in args.streams.split(",")):
-            r = await run_size(n, args.changes, args.delta, args.streams_per_connection, Path(tmp))
+            r = await run_size(n, args.changes, args.delta, args.streams_per_connection, Path(tmp), args.distinct)
             bare = await baseline_rss_per_stream(n, args.streams_per_connection, Path(tmp))
             print(f"{n:>8} {r['connect_s']:>10.2f} {r['median_ms']:>10.0f} {r['p99_ms']:>8.0f} "
                   f"{r['rss_per_stream_kb']:>10.1f} {bare:>13.1f} {r['rss_idle_mb']:>12.1f} "

@@ -267,7 +267,7 @@ def test_responses_are_valid_protobuf() -> None:
     entry = Entry("edge", snapshot)
     for type_url in TYPE_ORDER:
         resources = list(snapshot.of_type(type_url).values())
-        _, body = entry.sotw_response(type_url, type_url, resources)
+        _, body = entry.sotw_response(type_url, type_url, lambda: resources)  # noqa: B023
         nonce = next_nonce()
         parsed = DiscoveryResponse.FromString(body + text(5, nonce))
         assert (parsed.version_info, parsed.type_url, parsed.nonce) == (snapshot.version(type_url), type_url, nonce)

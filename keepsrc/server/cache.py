@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -115,8 +115,9 @@ class Entry:
             encoded = self._any[key] = wire.field(wire.SOTW_RESOURCES, any_bytes)
         return encoded
 
-    def sotw_response(self, type_url: str, cache_key: object, resources: list[Resource]) -> tuple[str, bytes]:
-        """(version, DiscoveryResponse bytes without a nonce) for `resources`, sorted by name.
+    def sotw_response(self, type_url: str, cache_key: object,
+                      resources: Callable[[], list[Resource]]) -> tuple[str, bytes]:
+        """(version, DiscoveryResponse bytes without a nonce) for `resources()`, sorted by name.
 
         `cache_key` must identify `resources` within this snapshot, built from what is served
         (names of this snapshot, versions of resources kept from an older one), never from
@@ -124,9 +125,10 @@ class Entry:
         """
         cached = self._encodings.get(cache_key)
         if cached is None:
-            version = state_version({r.name: r.version for r in resources})
+            listed = resources()
+            version = state_version({r.name: r.version for r in listed})
             body = b"".join(
-                [wire.text(wire.SOTW_VERSION_INFO, version), *(self._any_bytes(r) for r in resources),
+                [wire.text(wire.SOTW_VERSION_INFO, version), *(self._any_bytes(r) for r in listed),
                  wire.text(wire.SOTW_TYPE_URL, type_url)]
             )
             cached = (version, body)

@@ -72,7 +72,8 @@ class DeltaStream(Stream):
                 sub.wildcard = False
             else:
                 sub.names.discard(name)
-                sub.known.pop(name, None)
+                if sub.known.pop(name, None) is not None:
+                    sub.version = state_version(sub.known)
                 sub.rejected.pop(name, None)
                 sub.probes.pop(name, None)
         self.check_names(type_url, len(sub.names))
@@ -85,6 +86,9 @@ class DeltaStream(Stream):
         probe = self._next_probe(sub, current)
         if probe is not None:
             return _Response((probe,), ())
+        if sub.wildcard and sub.version == entry.wildcard_version(type_url, self.variant):
+            sub.settled = entry  # the client holds exactly this snapshot's resources
+            return None
         wanted = current.values() if sub.wildcard else [current[n] for n in sorted(sub.names) if n in current]
         known, rejected = sub.known, sub.rejected
         refresh = self.refresh if type_url == ENDPOINT else ()
@@ -92,8 +96,11 @@ class DeltaStream(Stream):
             r for r in wanted
             if (known.get(r.name) != r.version and rejected.get(r.name) != r.version) or r.name in refresh
         )
-        removed = tuple(n for n in known if n not in current) if removals else ()
+        gone = tuple(n for n in known if n not in current)
+        removed = gone if removals else ()
         if not adds and not removed:
+            if not gone:
+                sub.settled = entry
             return None
         return _Response(adds, removed)
 

@@ -19,6 +19,7 @@ _NOTHING: Mapping[str, Resource] = MappingProxyType({})
 @dataclass(slots=True)
 class _Subscription(Subscription):
     names: frozenset[str] = frozenset()
+    sorted_names: tuple[str, ...] = ()  # the names in the order responses list them
     # What the client holds: the resources of the last response (restricted to the names it still
     # asks for). Unknown after a reconnect whose version this server never served.
     held: Mapping[str, Resource] = field(default_factory=lambda: _NOTHING)
@@ -42,7 +43,8 @@ class SotwStream(Stream):
         sub = self.subscriptions.get(type_url)
         if sub is None:
             wildcard = type_url in WILDCARD_TYPES and (not names or "*" in names)
-            sub = self.subscriptions[type_url] = _Subscription(wildcard, names=names - {"*"})
+            sub = self.subscriptions[type_url] = _Subscription(wildcard, names=names - {"*"},
+                                                               sorted_names=tuple(sorted(names - {"*"})))
             if request.version_info:
                 self._seed(type_url, sub, request.version_info)
             return
@@ -53,7 +55,7 @@ class SotwStream(Stream):
             return
         self.answer(type_url, sub, request)
         if not sub.wildcard and names != sub.names:
-            sub.names = names
+            sub.names, sub.sorted_names = names, tuple(sorted(names))
             sub.settled = None
             # Envoy drops what it no longer asks for; asked again, it must be sent again.
             if sub.held_known:
@@ -78,27 +80,35 @@ class SotwStream(Stream):
         if entry is None or sub.settled is entry:
             return None
         current = entry.of_type(type_url, self.variant)
-        forced = False
         if sub.wildcard:
-            removed = {} if sub.held is current else {n: r for n, r in sub.held.items() if n not in current}
+            if sub.version == entry.wildcard_version(type_url, self.variant):
+                # Content-hash versions: the client holds exactly this snapshot's resources.
+                sub.held, sub.held_known, sub.settled = current, True, entry
+                return None
+            removed = {n: r for n, r in sub.held.items() if n not in current}
             if removed and not removals:
                 # Make before break: keep what is going away until the replacements are in place.
                 resources: Mapping[str, Resource] = dict(sorted({**current, **removed}.items()))
                 key: object = ("kept", type_url, self.variant, frozenset((n, r.version) for n, r in removed.items()))
             else:
                 resources, key = current, ("all", type_url, self.variant)
-        else:
-            served = tuple(n for n in sorted(sub.names) if n in current)
-            if not served:
-                # Nothing asked exists (yet), or Envoy unsubscribed all: an empty response would
-                # remove nothing in SotW, and before the first one Envoy should wait, not get [].
-                return None
-            resources, key = {n: current[n] for n in served}, ("named", type_url, self.variant, served)
-            forced = type_url == ENDPOINT and not self.refresh.isdisjoint(served)
-        version, body = entry.sotw_response(type_url, key, list(resources.values()))
-        if version == sub.version and not forced:
+            version, body = entry.sotw_response(type_url, key, lambda: list(resources.values()))
+            if version == sub.version:
+                return None  # only removals are left, and they wait
+            return _Response(version, body, resources)
+        served = tuple(n for n in sub.sorted_names if n in current)
+        if not served:
+            # Nothing asked exists (yet), or Envoy unsubscribed all: an empty response would
+            # remove nothing in SotW, and before the first one Envoy should wait, not get [].
+            sub.settled = entry
             return None
-        return _Response(version, body, resources)
+        version, body = entry.sotw_response(type_url, ("named", type_url, self.variant, served),
+                                            lambda: [current[n] for n in served])
+        forced = type_url == ENDPOINT and not self.refresh.isdisjoint(served)
+        if version == sub.version and not forced:
+            sub.settled = entry  # SotW never removes a named resource: nothing left to send
+            return None
+        return _Response(version, body, {n: current[n] for n in served})
 
     async def send(self, type_url: str, sub: _Subscription, response: _Response) -> None:
         before, before_known = sub.held, sub.held_known
