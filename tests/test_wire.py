@@ -48,3 +48,12 @@ def test_random_endpoints_equal_protobuf() -> None:
         )
         name = "s" * rng.randrange(1, 300)
         assert wire.cluster_load_assignment(name, endpoints) == _reference(name, endpoints)
+
+
+def test_varint_matches_protobuf_across_every_length_boundary() -> None:
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    from keepsrc.snapshots.wire import varint
+
+    values = [*range(0, 0x4100), *(2**k + d for k in range(7, 64, 7) for d in (-1, 0, 1))]
+    assert [varint(v) for v in values] == [_VarintBytes(v) for v in values]

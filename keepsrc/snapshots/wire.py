@@ -36,7 +36,15 @@ SOCKET_ADDRESS_ADDRESS = _tag(address_pb2.SocketAddress, "address", _LEN)
 SOCKET_ADDRESS_PORT = _tag(address_pb2.SocketAddress, "port_value", _VARINT)
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
 def varint(value: int) -> bytes:
+    # Tags and lengths of xDS messages are nearly all below 2**14: one or two bytes, no loop.
+    if value < 0x80:
+        return _ONE_BYTE[value]
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
