@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -203,7 +203,18 @@ class SnapshotCache:
         self._history: dict[str, deque[Entry]] = {}
         self._watchers: dict[str, set[Watcher]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_loaded: list[Callable[[], None]] = []
         self.status: dict[str, NodeStatus] = {}  # by node.id, for the nodes connected now
+        # Until the first snapshots arrive the server refuses streams (and says NOT_SERVING), so
+        # a fresh replica never hands an Envoy an empty config.
+        self.loaded = False
+        # The store revision the snapshots were built from (None: a file, or set in code). Replicas
+        # of one store agree on it, and it orders them where content hashes cannot.
+        self.revision: int | None = None
+        # Set by a shared store: whether the loaded revision is the store's newest. A stream whose
+        # Envoy reports a config this server never served asks before replacing it, so an Envoy
+        # that reconnects to a lagging replica is not moved back to an older topology.
+        self.freshness: Callable[[], Awaitable[bool]] | None = None
 
     # -- snapshots --------------------------------------------------------------------------
     def get(self, key: str) -> Snapshot | None:
@@ -217,18 +228,33 @@ class SnapshotCache:
         """Serve `snapshot` to every Envoy whose node.id (else node.cluster) is `key`."""
         self._apply({key: snapshot}, replace_all=False)
 
-    def set_all(self, snapshots: Mapping[str, Snapshot]) -> None:
-        """Swap the whole key space at once (a topology reload): keys not given are removed."""
-        self._apply(dict(snapshots), replace_all=True)
+    def set_all(self, snapshots: Mapping[str, Snapshot], revision: int | None = None) -> None:
+        """Swap the whole key space at once (a topology reload): keys not given are removed.
+        `revision`: the store revision it was built from, if any."""
+        self._apply(dict(snapshots), replace_all=True, revision=revision)
+
+    def on_loaded(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the serving loop) once the first snapshots are in; now if they are."""
+        if self.loaded:
+            callback()
+        else:
+            self._on_loaded.append(callback)
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve watchers on `loop`: changes from other threads hop onto it."""
+        self._loop = loop
 
     def remove(self, key: str) -> None:
         self._apply({key: None}, replace_all=False)
 
-    def _apply(self, changes: Mapping[str, Snapshot | None], replace_all: bool) -> None:
+    def _apply(self, changes: Mapping[str, Snapshot | None], replace_all: bool, revision: int | None = None) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed() and _running_loop() is not loop:
-            loop.call_soon_threadsafe(self._apply, changes, replace_all)
+            loop.call_soon_threadsafe(self._apply, changes, replace_all, revision)
             return
+        revised = revision is not None and revision != self.revision
+        if revision is not None:
+            self.revision = revision
         if replace_all:
             changes = {**dict.fromkeys(self._entries), **changes}
         changed = []
@@ -246,6 +272,16 @@ class SnapshotCache:
                     old.retire()
                     self._history.setdefault(key, deque(maxlen=self.HISTORY)).appendleft(old)
                 changed.append(key)
+        # A topology load counts even when it has no proxies: it is what the operator asked for.
+        if not self.loaded and (replace_all or any(snapshot is not None for snapshot in changes.values())):
+            self.loaded = True
+            callbacks, self._on_loaded = self._on_loaded, []
+            for callback in callbacks:
+                callback()
+        if revised and self.freshness is not None:
+            # A stream holding back a diverged Envoy (see `freshness`) asks again, even where
+            # this revision left its snapshot as it was.
+            changed = list(self._watchers)
         for key in changed:
             for watcher in list(self._watchers.get(key, ())):
                 watcher.snapshot_changed()

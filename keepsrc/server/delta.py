@@ -55,6 +55,11 @@ class DeltaStream(Stream):
                 self.check_names(type_url, len(request.initial_resource_versions))
                 sub.known = dict(request.initial_resource_versions)
                 sub.version = state_version(sub.known)
+                if self.entry is not None:
+                    current = self.entry.of_type(type_url, self.variant)
+                    sub.diverged = any(
+                        (resource := current.get(name)) is None or resource.version != version
+                        for name, version in sub.known.items())
                 self.record_held(type_url, sub.version)
         else:
             self.answer(type_url, sub, request)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 
 import grpc
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from keepsrc.server import csds
 from keepsrc.server.cache import SnapshotCache
@@ -73,7 +76,12 @@ class XdsServer:
 
 
 async def start(cache: SnapshotCache, address: str) -> XdsServer:
-    """Start serving `cache` on `address` ('host:port'); raises OSError if it cannot bind."""
+    """Start serving `cache` on `address` ('host:port'); raises OSError if it cannot bind.
+
+    Until `cache` has its first snapshots, gRPC health (service "" and the ADS service) says
+    NOT_SERVING and xDS streams are refused with UNAVAILABLE, so an Envoy retries (or goes to
+    another replica) rather than being handed an empty config."""
+    cache.bind(asyncio.get_running_loop())
     server = grpc.aio.server(options=[
         # gRPC core refuses new calls beyond 1,000 (soft) / 3,000 (hard) not yet picked up by the
         # event loop; a fleet reconnecting at once after a restart is exactly such a burst.
@@ -84,8 +92,16 @@ async def start(cache: SnapshotCache, address: str) -> XdsServer:
         # Envoys hold one stream for days; let idle connections stay, but notice dead peers.
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # A fleet rebalances onto a replica that came back: each connection closes after about
+        # 30 minutes (gRPC adds +-10% jitter), its streams finished gracefully, and reconnects.
+        ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+        ("grpc.max_connection_age_grace_ms", 30_000),
     ])
     server.add_generic_rpc_handlers(generic_handlers(cache))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    cache.on_loaded(lambda: _background(_set_health(health, health_pb2.HealthCheckResponse.SERVING)))
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
@@ -94,6 +110,21 @@ async def start(cache: SnapshotCache, address: str) -> XdsServer:
     shown = address if address.startswith("unix:") else f"{address.rsplit(':', 1)[0]}:{port}"
     log.info("xDS server listening on %s (ADS and per-type, SotW and delta)", shown)
     return XdsServer(server, port)
+
+
+MAX_CONNECTION_AGE_MS = 30 * 60 * 1000
+_tasks: set[asyncio.Task[None]] = set()
+
+
+async def _set_health(health: health_aio.HealthServicer, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+    for service in ("", ADS_SERVICE):
+        await health.set(service, status)
+
+
+def _background(coroutine: Coroutine[None, None, None]) -> None:
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _tasks.add(task)  # the loop keeps only a weak reference to a task
+    task.add_done_callback(_tasks.discard)
 
 
 async def serve(cache: SnapshotCache, address: str) -> None:

@@ -73,6 +73,11 @@ class SotwStream(Stream):
         if sub.wildcard and self.entry is not None:
             held = self.cache.held_resources(self.entry, type_url, self.variant, version)
         sub.held, sub.held_known = (held, True) if held is not None else (_NOTHING, False)
+        if sub.wildcard:
+            sub.diverged = held is None
+        elif self.entry is not None:
+            sub.diverged = self.plan(type_url, sub, removals=False) is not None
+            sub.settled = None
         self.record_held(type_url, version)
 
     def plan(self, type_url: str, sub: _Subscription, removals: bool) -> _Response | None:

@@ -63,6 +63,9 @@ class Subscription:
     # when a request, NACK or refresh may have changed that. Spares a scan of the resources on
     # every ACK of a large snapshot.
     settled: Entry | None = None
+    # On reconnect the client reported holding something this server did not serve: maybe newer
+    # (this replica lags), so it is replaced only once the store says this server is current.
+    diverged: bool = False
 
 
 class Stream:
@@ -143,6 +146,8 @@ class Stream:
         return None
 
     def _identify(self, request: Any) -> None:
+        if not self.cache.loaded:
+            raise StreamError("no topology is loaded yet; try again shortly", grpc.StatusCode.UNAVAILABLE)
         node = request.node
         if not node.id and not node.cluster:
             raise StreamError("the first request carries no node id or cluster")
@@ -213,8 +218,13 @@ class Stream:
                 status.of(type_url).waiting = has_update
                 waiting = waiting or has_update
                 continue
-            status.of(type_url).waiting = False
             response = self.plan(type_url, sub, removals=False)
+            if response is not None and sub.diverged:
+                if not await self._is_current():
+                    status.of(type_url).waiting = waiting = True
+                    continue
+                sub.diverged = False
+            status.of(type_url).waiting = False
             if response is not None:
                 await self.send(type_url, sub, response)
         if waiting or any(sub.outstanding for sub in self.subscriptions.values()):
@@ -246,6 +256,14 @@ class Stream:
             log.info("node %s: %s is back at a version it holds (%s); the NACK no longer applies",
                      self.node_id, short(type_url), sub.version)
             status.nack, status.sent, status.acked = None, sub.version, sub.version
+
+    async def _is_current(self) -> bool:
+        freshness = self.cache.freshness
+        if freshness is None or await freshness():
+            return True
+        log.info("node %s holds a config this server did not serve, and the store has a newer revision "
+                 "than %s: holding it back until this server catches up", self.node_id, self.cache.revision)
+        return False
 
     def _clusters_warming(self) -> bool:
         """Listeners and routes wait while a CDS response is unanswered or a cluster it carried has
