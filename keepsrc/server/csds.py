@@ -16,6 +16,7 @@ from keepsrc.server.cache import SnapshotCache
 from keepsrc.snapshots.snapshot import TYPE_ORDER
 
 SERVICE = "envoy.service.status.v3.ClientStatusDiscoveryService"
+REVISION_METADATA = "keepsrc-revision"
 
 
 def client_status(cache: SnapshotCache) -> csds_pb2.ClientStatusResponse:
@@ -46,7 +47,11 @@ def client_status(cache: SnapshotCache) -> csds_pb2.ClientStatusResponse:
 
 
 def handler(cache: SnapshotCache) -> grpc.GenericRpcHandler:
-    async def fetch(_request: csds_pb2.ClientStatusRequest, _context: object) -> csds_pb2.ClientStatusResponse:
+    async def fetch(_request: csds_pb2.ClientStatusRequest,
+                    context: grpc.aio.ServicerContext) -> csds_pb2.ClientStatusResponse:
+        if cache.revision is not None:
+            # Which store revision this replica serves: CSDS has no field for the server's side.
+            await context.send_initial_metadata(((REVISION_METADATA, str(cache.revision)),))
         return client_status(cache)
 
     return grpc.method_handlers_generic_handler(SERVICE, {
