@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -75,11 +76,12 @@ class Entry:
     once; the Entry (and its encodings) is dropped when the key gets a different snapshot.
     """
 
-    __slots__ = ("_any", "_encodings", "_variants", "_wildcard_versions", "key", "snapshot")
+    __slots__ = ("_any", "_encodings", "_variants", "_wildcard_versions", "created", "key", "snapshot")
 
     def __init__(self, key: str, snapshot: Snapshot) -> None:
         self.key = key
         self.snapshot = snapshot
+        self.created = time.monotonic()  # when the topology change that made it reached the cache
         self._variants: dict[tuple[str, str], Mapping[str, Resource]] = {}
         self._wildcard_versions: dict[tuple[str, str], str] = {}
         self._any: dict[tuple[str, str, str], bytes] = {}

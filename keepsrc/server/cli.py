@@ -8,6 +8,7 @@ import logging
 import signal
 from pathlib import Path
 
+from keepsrc.server import logs, metrics
 from keepsrc.server.cache import SnapshotCache
 from keepsrc.server.reload import TopologySource
 from keepsrc.server.service import start
@@ -25,10 +26,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "a single save reloads ~50 ms after it (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="info logs every ACK and NACK per node (default: %(default)s)")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one object per line; ACK/NACK lines carry node, type, version and nonce")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: none)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure(args.log_level, args.log_format)
+    if args.metrics:
+        try:
+            metrics.serve_metrics(args.metrics)
+        except (OSError, ValueError) as exc:
+            log.error("cannot serve metrics on %s: %s", args.metrics, exc)
+            return 1
+        log.info("metrics on http://%s/metrics", args.metrics)
     return asyncio.run(_serve(args))
 
 

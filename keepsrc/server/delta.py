@@ -135,17 +135,18 @@ class DeltaStream(Stream):
         sub.in_flight = in_flight
         sub.nonce, sub.outstanding, sub.version = wire.next_nonce(), True, state_version(sub.known)
         sub.settled = None
-        self.record_sent(type_url, sub.version)
-        if type_url == CLUSTER:
-            self.clusters_pushed(in_flight)
-        elif type_url == ENDPOINT:
-            self.refresh.difference_update(in_flight)
-        await self.context.write(b"".join([
+        body = b"".join([
             self.entry.delta_resources(type_url, self.variant, response.adds),
             *(wire.text(wire.DELTA_REMOVED, n) for n in response.removed),
             wire.text(wire.DELTA_SYSTEM_VERSION, sub.version),
             wire.text(wire.DELTA_NONCE, sub.nonce),
-        ]))
+        ])
+        self.record_sent(type_url, sub.version, len(body))
+        if type_url == CLUSTER:
+            self.clusters_pushed(in_flight)
+        elif type_url == ENDPOINT:
+            self.refresh.difference_update(in_flight)
+        await self.context.write(body)
 
     def rejected(self, type_url: str, sub: _Subscription) -> None:
         """A NACK of one resource: the client keeps what it held before, and the refused version

@@ -119,7 +119,7 @@ class SotwStream(Stream):
         before, before_known = sub.held, sub.held_known
         sub.nonce, sub.outstanding, sub.version = wire.next_nonce(), True, response.version
         sub.held, sub.held_known, sub.settled = response.resources, True, None
-        self.record_sent(type_url, response.version)
+        self.record_sent(type_url, response.version, len(response.body))
         if type_url == CLUSTER:
             self.clusters_pushed(
                 n for n, r in response.resources.items()

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from keepsrc.server import metrics
 from keepsrc.server.cache import Entry, Nack, NodeStatus, SnapshotCache
 from keepsrc.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SHORT_NAMES
 
@@ -37,6 +38,10 @@ WILDCARD_TYPES = frozenset({LISTENER, CLUSTER})  # LDS/CDS: Envoy asks for every
 # a broken or hostile client gets near it, and the names are held for as long as the stream lives.
 MAX_SUBSCRIBED_NAMES = 100_000
 MAX_LOGGED_UNKNOWN_TYPES = 8  # per stream: a client sending junk type URLs is logged, not the junk
+_PUSHES = {t: metrics.XDS_PUSHES.labels(SHORT_NAMES[t]) for t in ALL_TYPES}
+_PUSH_TIME = {t: metrics.XDS_PUSH_TIME.labels(SHORT_NAMES[t]) for t in ALL_TYPES}
+_CONFIG_SIZE = {t: metrics.XDS_CONFIG_SIZE.labels(SHORT_NAMES[t]) for t in ALL_TYPES}
+_REJECTS = {t: metrics.XDS_REJECTS.labels(SHORT_NAMES[t]) for t in ALL_TYPES}
 
 
 def short(type_url: str) -> str:
@@ -72,8 +77,9 @@ class Stream:
     """One xDS stream (ADS or a single type). Subclasses implement on_request, plan and send."""
 
     # Thousands of these live for as long as their Envoys are connected.
-    __slots__ = ("_dirty", "_keys", "_lock", "_pusher", "_unknown_types", "cache", "context", "entry",
-                 "node_cluster", "node_id", "refresh", "status", "subscriptions", "type_urls", "variant")
+    __slots__ = ("_converging", "_dirty", "_keys", "_lock", "_pusher", "_trigger", "_unknown_types", "cache",
+                 "context", "entry", "node_cluster", "node_id", "refresh", "status", "subscriptions", "type_urls",
+                 "variant")
 
     variant_name = ""  # per-type streams of this protocol: which resource variant they get
 
@@ -97,6 +103,8 @@ class Stream:
         self._dirty = False
         self._pusher: asyncio.Task[None] | None = None
         self._keys: tuple[str, ...] = ()
+        self._trigger = 0.0  # monotonic time of the change or request the next response answers
+        self._converging: float | None = None  # creation time of an entry not yet fully ACKed
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self) -> None:
@@ -110,6 +118,7 @@ class Stream:
                 type_url = self._type_of(request)
                 if type_url is None:
                     continue
+                self._trigger = time.monotonic()
                 async with self._lock:
                     self.on_request(type_url, request)
                     await self.sync()
@@ -121,6 +130,7 @@ class Stream:
                 self._pusher.cancel()
             self.cache.unwatch(self, self._keys)
             if self.status is not None:
+                metrics.XDS_CONNECTED.labels(self.variant_name).dec()
                 self.status.streams -= 1
                 if self.status.streams == 0:
                     log.info("node %s disconnected", self.node_id)
@@ -154,6 +164,7 @@ class Stream:
         self.node_id, self.node_cluster = node.id, node.cluster
         self.status = self.cache.node_status(node.id, node.cluster)
         self.status.streams += 1
+        metrics.XDS_CONNECTED.labels(self.variant_name).inc()
         self._keys = tuple(k for k in dict.fromkeys((node.id, node.cluster)) if k)
         self.cache.watch(self, self._keys)
         self.entry = self.cache.resolve(node.id, node.cluster)
@@ -180,6 +191,7 @@ class Stream:
     def snapshot_changed(self) -> None:
         """Called by the cache; coalesces bursts of changes into one sync at a time."""
         self._dirty = True
+        self._trigger = time.monotonic()
         if self._pusher is None:
             self._pusher = asyncio.get_running_loop().create_task(self._push_loop())
 
@@ -192,6 +204,8 @@ class Stream:
                     self.entry = self.cache.resolve(self.node_id, self.node_cluster)
                     if self.entry is not previous:
                         self._log_entry(previous)
+                        if self.entry is not None and previous is not None:
+                            self._converging = self.entry.created
                     await self.sync()
         except (grpc.aio.AioRpcError, RuntimeError, asyncio.InvalidStateError) as exc:
             # The stream went away mid-push; run() is finishing it.
@@ -237,6 +251,7 @@ class Stream:
             # listener may still use the cluster the new one dropped): remove nothing until a
             # version it accepts replaces the rejected one.
             return
+        removed = False
         for type_url in REMOVAL_ORDER:
             sub = self.subscriptions.get(type_url)
             if sub is None or sub.settled is entry:
@@ -245,7 +260,11 @@ class Stream:
             if response is None:
                 sub.settled = entry
             else:
+                removed = True
                 await self.send(type_url, sub, response)
+        if self._converging is not None and not removed:
+            metrics.PROXY_CONVERGENCE_TIME.observe(time.monotonic() - self._converging)
+            self._converging = None
 
     def _settle(self, type_url: str, sub: Subscription) -> None:
         """Nothing in flight or to send: if the snapshot moved off a rejected version, the client
@@ -305,11 +324,11 @@ class Stream:
             return False
         sub.outstanding = False
         if request.HasField("error_detail"):
-            self._record_nack(type_url, sub.version, request.error_detail)
+            self._record_nack(type_url, sub.version, sub.nonce, request.error_detail)
             self.rejected(type_url, sub)
         else:
             self.accepted(type_url, sub)
-            self._record_ack(type_url, sub.version, still_rejected=self.still_rejected(type_url, sub))
+            self._record_ack(type_url, sub.version, sub.nonce, still_rejected=self.still_rejected(type_url, sub))
         return True
 
     def rejected(self, type_url: str, sub: Any) -> None:
@@ -322,35 +341,43 @@ class Stream:
         """Whether a past NACK still describes the client: what it refused is what we serve."""
         raise NotImplementedError
 
-    def record_sent(self, type_url: str, version: str) -> None:
+    def record_sent(self, type_url: str, version: str, size: int) -> None:
         assert self.status is not None
         status = self.status.of(type_url)
         status.sent = version
         status.responses += 1
+        _PUSHES[type_url].inc()
+        _PUSH_TIME[type_url].observe(time.monotonic() - self._trigger)
+        _CONFIG_SIZE[type_url].observe(size)
 
     def record_held(self, type_url: str, version: str) -> None:
         """On (re)connect the client reports what it holds: that is both sent and ACKed."""
         assert self.status is not None
         status = self.status.of(type_url)
         status.sent = status.acked = version
-        log.info("node %s: holds %s version %s", self.node_id, short(type_url), version)
+        log.info("node %s: holds %s version %s", self.node_id, short(type_url), version,
+                 extra={"node": self.node_id, "type": short(type_url), "version": version})
 
-    def _record_ack(self, type_url: str, version: str, still_rejected: bool) -> None:
+    def _record_ack(self, type_url: str, version: str, nonce: str, still_rejected: bool) -> None:
         assert self.status is not None
         status = self.status.of(type_url)
         if status.acked != version or status.nack is not None:
-            log.info("node %s: ACK %s version %s", self.node_id, short(type_url), version)
+            log.info("node %s: ACK %s version %s", self.node_id, short(type_url), version,
+                     extra={"node": self.node_id, "type": short(type_url), "version": version, "nonce": nonce})
         status.acked = version
         if not still_rejected:
             status.nack = None
 
-    def _record_nack(self, type_url: str, version: str, error: Any) -> None:
+    def _record_nack(self, type_url: str, version: str, nonce: str, error: Any) -> None:
         """`error` is the request's google.rpc.Status error_detail: Envoy's reason for rejecting."""
         assert self.status is not None
         status = self.status.of(type_url)
         status.nack = Nack(version, error.code, error.message, time.time())
+        _REJECTS[type_url].inc()
         log.warning("node %s: NACK %s version %s (keeps %s): code %d: %s", self.node_id, short(type_url),
-                    version, status.acked or "nothing", error.code, error.message)
+                    version, status.acked or "nothing", error.code, error.message,
+                    extra={"node": self.node_id, "type": short(type_url), "version": version, "nonce": nonce,
+                           "code": error.code})
 
     def check_names(self, type_url: str, count: int) -> None:
         if count > MAX_SUBSCRIBED_NAMES:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conformance.raw import CDS, EDS, LDS, RDS, Raw, csds_status, edge, served, status_name
 
@@ -237,5 +238,30 @@ def test_per_type_stream_refuses_a_first_request_without_a_node() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await raw.recv()
             assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+    run(test)
+
+
+def test_an_empty_server_says_not_serving_and_refuses_streams_until_loaded() -> None:
+    """A fresh replica must never hand an Envoy an empty config."""
+    async def test() -> None:
+        async with served() as (cache, channel):
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="")
+            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            raw = Raw(channel)
+            await raw.sotw(CDS)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await raw.recv()
+            assert error.value.code() is grpc.StatusCode.UNAVAILABLE
+            cache.set_all({"edge": edge()})
+            for _ in range(50):
+                if (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.02)
+            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
+            again = Raw(channel)
+            await again.sotw(CDS)
+            assert (await again.expect(CDS)).names == ["a", "b"]
 
     run(test)
