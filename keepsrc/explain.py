@@ -88,6 +88,7 @@ class _Arrival:
     sends_proxy_protocol: bool = False
     sender: str = ""  # who hands the connection to this hop; empty for a client connecting directly
     lost_at: str = ""  # the hop that lost the address, when `how` is None
+    encrypted: bool = False  # the bytes arriving are TLS: X-Forwarded-For in them is out of reach
 
 
 @dataclass(eq=False)
@@ -172,11 +173,13 @@ class Walker:
         return [self.walk(proxy, listener) for proxy, listener in starts]
 
     def walk(self, proxy: Proxy, listener: Listener) -> Path:
+        # A client speaks what the listener expects: TLS to a terminating or passthrough listener.
+        encrypted = listener.tls is not None or listener.passes_tls_through
         if listener.accept_proxy_protocol is not None:
             arrival = _Arrival("PROXY protocol header from the load balancer in front", sends_proxy_protocol=True,
-                               sender="the load balancer in front")
+                               sender="the load balancer in front", encrypted=encrypted)
         else:
-            arrival = _Arrival("the client connects directly: it is the peer")
+            arrival = _Arrival("the client connects directly: it is the peer", encrypted=encrypted)
         return _summarize(_name(proxy, listener), self._hop(proxy, listener, arrival))
 
     def _hop(self, proxy: Proxy, listener: Listener, arrival: _Arrival) -> _Node:
@@ -202,6 +205,10 @@ class Walker:
         arrival = self._check_acceptance(findings, where, listener, arrival)
         if arrival.how is not None:
             text = f"client address: {arrival.how}"
+            if listener.tls is not None:
+                text += "; TLS terminated here, so X-Forwarded-For is readable (and appended) again"
+            elif listener.passes_tls_through:
+                text += "; TLS passes through by SNI, still encrypted"
         elif arrival.lost_at == where:
             text = "client address lost here"
         else:
@@ -255,11 +262,28 @@ class Walker:
                 f"set send_proxy_protocol: v2 on {arrival.sender}, or drop accept_proxy_protocol",
             ))
             return _Arrival(None, lost_at=lost_at)
+        if arrival.sender and listener.protocol is Protocol.HTTP and arrival.encrypted != (listener.tls is not None):
+            findings.append(self._tls_mismatch(where, listener, arrival))
+            return _Arrival(None, lost_at=lost_at)
         if arrival.how is None:
             return arrival
         if listener.protocol is Protocol.HTTP and arrival.xff_appenders:
             self._check_trusted_hops(findings, where, listener, arrival)
         return arrival
+
+    @staticmethod
+    def _tls_mismatch(where: str, listener: Listener, arrival: _Arrival) -> Finding:
+        if arrival.encrypted:
+            return Finding(
+                Severity.LOST, where,
+                f"{arrival.sender} sends TLS but this http listener does not terminate it: no request can be read",
+                f"add tls: {{certificates: [...]}} to {where}, or remove tls from the service",
+            )
+        return Finding(
+            Severity.LOST, where,
+            f"this listener terminates TLS but {arrival.sender} sends plain text: every handshake fails",
+            f"add tls: {{ca: ...}} to the service, or remove tls from {where}",
+        )
 
     def _check_trusted_hops(self, findings: list[Finding], where: str, listener: Listener,
                             arrival: _Arrival) -> None:
@@ -324,25 +348,28 @@ class Walker:
             ))
         sends_pp = pp is not None
         sender = f"service '{service.name}'"
+        # TLS leaves this hop when the service speaks it, or when a tcp hop forwards TLS it was given.
+        encrypted = service.tls is not None or (listener.protocol is Protocol.TCP and arrival.encrypted)
         if arrival.how is None:
-            return _Arrival(None, sends_proxy_protocol=sends_pp, sender=sender, lost_at=arrival.lost_at)
+            return _Arrival(None, sends_proxy_protocol=sends_pp, sender=sender, lost_at=arrival.lost_at,
+                            encrypted=encrypted)
         if listener.original_src is not None and self._original_src_ok(findings, proxy, listener, service):
             how = f"original_src: {SENDER_HOPS} connects from the client's own IP (mark {listener.original_src.mark})"
-            return _Arrival(how, sends_proxy_protocol=sends_pp, sender=sender)
+            return _Arrival(how, sends_proxy_protocol=sends_pp, sender=sender, encrypted=encrypted)
         if sends_pp:
             return _Arrival(f"PROXY protocol {pp} header sent by {SENDER_HOPS} ({sender})",
-                            sends_proxy_protocol=True, sender=sender)
+                            sends_proxy_protocol=True, sender=sender, encrypted=encrypted)
         if listener.protocol is Protocol.HTTP and listener.xff is not None and listener.xff.use_remote_address \
                 and not listener.xff.skip_append:
             return _Arrival(f"X-Forwarded-For, appended by {SENDER_HOPS}", xff_appenders=arrival.xff_appenders + 1,
-                            sender=sender)
+                            sender=sender, encrypted=encrypted)
         if listener.protocol is Protocol.HTTP and arrival.xff_appenders:
             # Envoy passes X-Forwarded-For on unchanged: the next hop sees the same appenders.
             return _Arrival(f"X-Forwarded-For, passed on unchanged by {SENDER_HOPS}",
-                            xff_appenders=arrival.xff_appenders, sender=sender)
+                            xff_appenders=arrival.xff_appenders, sender=sender, encrypted=encrypted)
         if listener.original_src is None:  # a broken original_src has a finding of its own
             self._report_dropped(findings, where, listener, service)
-        return _Arrival(None, sender=sender, lost_at=where)
+        return _Arrival(None, sender=sender, lost_at=where, encrypted=encrypted)
 
     def _report_dropped(self, findings: list[Finding], where: str, listener: Listener, service: Service) -> None:
         """The address arrives here and nothing hands it on to `service`: this hop is the one to blame."""
@@ -358,6 +385,11 @@ class Walker:
         if len(next_hops) < len(unreported):
             send_pp += " (if the backend reads PROXY protocol)"
         fixes = [send_pp, f"original_src (with a placement) on {where}"]
+        why = ""
+        if listener.protocol is Protocol.TCP and listener.passes_tls_through:
+            # The one header an HTTP hop could add is inside the client's encryption here.
+            why = ": TLS passes through this hop encrypted, so X-Forwarded-For cannot carry it; only PROXY" \
+                  " protocol or original_src can"
         if listener.protocol is Protocol.HTTP:
             if listener.xff is not None and listener.xff.use_remote_address:
                 fixes.append(f"xff.skip_append: false on {where}")
@@ -366,7 +398,7 @@ class Walker:
         findings.append(Finding(
             Severity.LOST, where,
             f"nothing carries the client address from {where} to '{service.name}' "
-            f"({', '.join(map(str, unreported))})",
+            f"({', '.join(map(str, unreported))}){why}",
             "set " + ", or ".join(fixes),
         ))
 

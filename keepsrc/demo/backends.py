@@ -13,6 +13,7 @@ import json
 import re
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -86,6 +87,86 @@ class TcpBackend:
 
     def close(self) -> None:
         self._sock.close()
+
+
+@dataclass
+class TlsBackend:
+    """A TLS server that reads an optional PROXY header in the clear, then the handshake, then echoes
+    one line as `backend:<name> client:<ip> sni:<name> ` + line: what an SNI-passthrough or a
+    TLS-upstream hop delivered. `cert`/`key`: PEM files."""
+
+    cert: str
+    key: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    name: str = "tls"
+    seen: list[Seen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(self.cert, self.key)
+        self._sni: dict[int, str] = {}
+        self._context.sni_callback = lambda sock, name, _: self._sni.__setitem__(id(sock), name or "") or None
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((self.host, self.port))
+        self.port = self._sock.getsockname()[1]
+        self._sock.listen(128)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, peer = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn, peer[0]), daemon=True).start()
+
+    def _handle(self, conn: socket.socket, peer: str) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                header = read_proxy_header(conn)
+                with self._context.wrap_socket(conn, server_side=True) as tls:
+                    data = b""
+                    while b"\n" not in data and (chunk := tls.recv(65536)):
+                        data += chunk
+                    self.seen.append(Seen(peer=peer, proxy_header=header, data=data))
+                    client = header.split()[1] if header and header.startswith("v2 ") else peer
+                    if header and header.startswith("PROXY "):
+                        client = header.split()[2]
+                    sni = self._sni.pop(id(tls), "")
+                    tls.sendall(f"backend:{self.name} client:{client} sni:{sni} ".encode() + data)
+            except (OSError, ssl.SSLError):
+                return
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def read_proxy_header(conn: socket.socket) -> str | None:
+    """Consumes a PROXY v1/v2 header from `conn`, if the connection starts with one, and nothing
+    after it (what follows may be a TLS ClientHello, which must stay for the handshake)."""
+    # Both a PROXY header and a ClientHello are longer than 16 bytes: wait for that many.
+    start = conn.recv(16, socket.MSG_PEEK | socket.MSG_WAITALL)
+    if start.startswith(V2_SIGNATURE) and len(start) >= 16:
+        header = _recv_exactly(conn, 16 + int.from_bytes(start[14:16], "big"))
+        return parse_proxy_header(header)[0]
+    if start.startswith(b"PROXY "):
+        line = conn.recv(108, socket.MSG_PEEK)
+        return parse_proxy_header(_recv_exactly(conn, line.index(b"\r\n") + 2))[0]
+    return None
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed inside a PROXY header")
+        data += chunk
+    return data
 
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"

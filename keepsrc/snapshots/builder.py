@@ -43,7 +43,7 @@ from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 from xds.type.matcher.v3 import matcher_pb2
 
-from keepsrc.snapshots import wire
+from keepsrc.snapshots import tls, wire
 from keepsrc.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, Snapshot
 from keepsrc.topology.model import (
     AcceptProxyProtocol,
@@ -122,7 +122,7 @@ def listener_filters(listener: Listener) -> list[listener_components_pb2.Listene
     filters = []
     if listener.accept_proxy_protocol is not None:
         filters.append(_proxy_protocol_filter(listener.accept_proxy_protocol, listener.stats_name))
-    if listener.tls_inspector:
+    if listener.inspects_tls:
         filters.append(
             listener_components_pb2.ListenerFilter(
                 name=TLS_INSPECTOR_FILTER, typed_config=pack(tls_inspector_pb2.TlsInspector())
@@ -267,11 +267,10 @@ def _http_connection_manager(
     return hcm
 
 
-def _tcp_filters(listener: Listener, sticky: frozenset[str]) -> list[listener_components_pb2.Filter]:
-    tcp_proxy = tcp_proxy_pb2.TcpProxy(
-        stat_prefix=listener.stats_name, cluster=listener.service, access_log=access_logs(listener)
-    )
-    if listener.service in sticky:
+def _tcp_filters(listener: Listener, service: str, sticky: frozenset[str]) -> list[listener_components_pb2.Filter]:
+    tcp_proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=listener.stats_name, cluster=service,
+                                       access_log=access_logs(listener))
+    if service in sticky:
         tcp_proxy.hash_policy.append(hash_policy_pb2.HashPolicy(source_ip=hash_policy_pb2.HashPolicy.SourceIp()))
     if listener.idle_timeout_ms is not None:
         tcp_proxy.idle_timeout.CopyFrom(_duration(listener.idle_timeout_ms))
@@ -309,6 +308,43 @@ def _udp_proxy(listener: Listener, sticky: frozenset[str]) -> listener_component
     )
 
 
+def _filter_chains(
+    listener: Listener, inline_routes: bool, sticky: frozenset[str]
+) -> list[listener_components_pb2.FilterChain]:
+    """One chain, or one per SNI choice: a terminating listener's certificates (each chain its own
+    TLS context, the same HTTP filters), or a passthrough listener's SNI routes (each its own
+    tcp_proxy). A chain without server_names takes the clients whose SNI names none of the others."""
+    chain = listener_components_pb2.FilterChain
+    if listener.protocol is Protocol.TCP:
+        chains = [
+            chain(name=",".join(route.server_names),
+                  filter_chain_match=listener_components_pb2.FilterChainMatch(server_names=route.server_names),
+                  filters=_tcp_filters(listener, route.service, sticky))
+            for route in listener.sni_routes
+        ]
+        if listener.service is not None:
+            filters = _tcp_filters(listener, listener.service, sticky)
+            chains.append(chain(name="default", filters=filters) if chains else chain(filters=filters))
+        return chains
+    hcm = listener_components_pb2.Filter(
+        name="envoy.filters.network.http_connection_manager",
+        typed_config=pack(_http_connection_manager(listener, inline_routes, sticky)),
+    )
+    if listener.tls is None:
+        return [chain(filters=[hcm])]
+    return [
+        chain(
+            name=",".join(certificate.server_names) or "default",
+            filter_chain_match=listener_components_pb2.FilterChainMatch(server_names=certificate.server_names),
+            filters=[hcm],
+            transport_socket=base_pb2.TransportSocket(
+                name=tls.TLS_TRANSPORT_SOCKET, typed_config=pack(tls.downstream_context(listener.tls, certificate))
+            ),
+        )
+        for certificate in listener.tls.certificates
+    ]
+
+
 def listener_resource(
     listener: Listener, inline_routes: bool = False, sticky: frozenset[str] = frozenset()
 ) -> listener_pb2.Listener:
@@ -322,18 +358,11 @@ def listener_resource(
             udp_listener_config=udp_listener_config_pb2.UdpListenerConfig(),
             listener_filters=[_udp_proxy(listener, sticky)],
         )
-    if listener.protocol is Protocol.TCP:
-        filters = _tcp_filters(listener, sticky)
-    else:
-        filters = [listener_components_pb2.Filter(
-            name="envoy.filters.network.http_connection_manager",
-            typed_config=pack(_http_connection_manager(listener, inline_routes, sticky)),
-        )]
     return listener_pb2.Listener(
         name=listener.name,
         address=socket_address(listener.address),
         listener_filters=listener_filters(listener),
-        filter_chains=[listener_components_pb2.FilterChain(filters=filters)],
+        filter_chains=_filter_chains(listener, inline_routes, sticky),
         # Connections refused before a filter chain runs (a missing PROXY header) are logged here.
         access_log=access_logs(listener),
     )
@@ -371,10 +400,26 @@ def _health_check(check: HealthCheck, proxy_protocol: ProxyProtocolVersion | Non
     )
 
 
-def _upstream_proxy_protocol(version: ProxyProtocolVersion) -> base_pb2.TransportSocket:
-    inner = base_pb2.TransportSocket(
-        name="envoy.transport_sockets.raw_buffer", typed_config=pack(raw_buffer_pb2.RawBuffer())
-    )
+def _upstream_transport(service: Service) -> base_pb2.TransportSocket | None:
+    """TLS, PROXY protocol, or both: then the PROXY header wraps TLS, so it goes out first, in the
+    clear, and the handshake follows (what HAProxy `accept-proxy ssl` and nginx `ssl proxy_protocol` read)."""
+    if service.tls is not None:
+        context = tls.upstream_context(service.tls)
+        inner = base_pb2.TransportSocket(name=tls.TLS_TRANSPORT_SOCKET, typed_config=pack(context))
+    elif service.send_proxy_protocol is not None:
+        inner = base_pb2.TransportSocket(
+            name="envoy.transport_sockets.raw_buffer", typed_config=pack(raw_buffer_pb2.RawBuffer())
+        )
+    else:
+        return None
+    if service.send_proxy_protocol is None:
+        return inner
+    return _upstream_proxy_protocol(service.send_proxy_protocol, inner)
+
+
+def _upstream_proxy_protocol(
+    version: ProxyProtocolVersion, inner: base_pb2.TransportSocket
+) -> base_pb2.TransportSocket:
     config = upstream_proxy_protocol_pb2.ProxyProtocolUpstreamTransport(
         config=proxy_protocol_pb2.ProxyProtocolConfig(version=PP_VERSIONS[version]), transport_socket=inner
     )
@@ -396,8 +441,9 @@ def cluster_resource(service: Service, inline_endpoints: bool = False) -> cluste
     else:
         cluster.type = cluster_pb2.Cluster.EDS
         cluster.eds_cluster_config.eds_config.CopyFrom(_ADS)
-    if service.send_proxy_protocol is not None:
-        cluster.transport_socket.CopyFrom(_upstream_proxy_protocol(service.send_proxy_protocol))
+    transport = _upstream_transport(service)
+    if transport is not None:
+        cluster.transport_socket.CopyFrom(transport)
     if service.health_check is not None:
         cluster.health_checks.append(_health_check(service.health_check, service.send_proxy_protocol))
     return cluster

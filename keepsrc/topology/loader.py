@@ -9,17 +9,25 @@ path lengths) or tighter.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import ipaddress
+import os
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.utils import CryptographyDeprecationWarning
 from yaml.nodes import MappingNode, Node, ScalarNode
 
 from keepsrc.topology.checker import (
+    STR_TAG,
     Checker,
     Keys,
     Parsers,
@@ -31,6 +39,8 @@ from keepsrc.topology.checker import (
 from keepsrc.topology.diagnostics import Diagnostic, Severity, TopologyError
 from keepsrc.topology.model import (
     AcceptProxyProtocol,
+    Certificate,
+    DownstreamTls,
     HealthCheck,
     IPNetwork,
     LbPolicy,
@@ -43,9 +53,12 @@ from keepsrc.topology.model import (
     ProxyProtocolVersion,
     Route,
     Service,
+    SniRoute,
     SocketAddress,
     Sticky,
+    TlsVersion,
     Topology,
+    UpstreamTls,
     Xff,
 )
 from keepsrc.topology.reader import API_VERSION, compose, max_bytes_limit, too_large, utf8_size
@@ -59,6 +72,9 @@ BRACKETED_ADDRESS_RE = re.compile(r"\[([^\]]*)\]:([0-9]+)")
 ADDRESS_RE = re.compile(r"([^:\[\]]+):([0-9]+)")
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 IPV4_RE = re.compile(rf"{_OCTET}(\.{_OCTET}){{3}}")  # dotted quad in canonical form: no leading zeros
+# The common endpoint, a canonical ip:port with a port of 1-65535's digits, in one match; anything
+# else takes the general path, which says what is wrong. 50,000 endpoints make this count.
+IPV4_PORT_RE = re.compile(rf"(?P<host>{_OCTET}(\.{_OCTET}){{3}}):(?P<port>[1-9][0-9]{{0,4}})")
 INTERFACE_RE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")  # IFNAMSIZ is 16 including the NUL
 # Tables the kernel reserves (unspec, default, main, local): routing marked replies there breaks the host.
 RESERVED_TABLES = {0, 253, 254, 255}
@@ -73,7 +89,11 @@ LOG_NAME_MAX = 255
 LISTENER_KEYS = [
     "name", "address", "protocol", "service", "routes", "accept_proxy_protocol", "tls_inspector",
     "original_src", "xff", "allow_from", "deny_from", "match", "access_log", "stat_prefix", "idle_timeout",
+    "tls", "sni_routes",
 ]
+# An SNI name: a hostname, or a wildcard for one level of subdomains (Envoy's server_names).
+SERVER_NAME_RE = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+ALPN = ["h2", "http/1.1"]
 _TCP_HTTP = frozenset({Protocol.TCP, Protocol.HTTP})
 _TCP_UDP = frozenset({Protocol.TCP, Protocol.UDP})
 _RBAC = "keepsrc enforces it with an RBAC filter, which a udp listener has no place for"
@@ -89,6 +109,8 @@ PROTOCOL_KEYS: dict[str, tuple[frozenset[Protocol], str]] = {
     "deny_from": (_TCP_HTTP, _RBAC),
     "match": (_TCP_HTTP, _RBAC),
     "idle_timeout": (_TCP_UDP, "an http listener's connections follow Envoy's HTTP timeouts"),
+    "tls": (frozenset({Protocol.HTTP}), "to pass TLS through by SNI without decrypting it use 'sni_routes'"),
+    "sni_routes": (frozenset({Protocol.TCP}), "an http listener terminates TLS with 'tls' and routes by 'routes'"),
 }
 
 
@@ -129,7 +151,7 @@ class _Schema(Checker):
 
     # -- services ----------------------------------------------------------------------------
     def service(self, name: str, node: Node, path: str) -> Service | None:
-        allowed = ["endpoints", "connect_timeout", "lb", "send_proxy_protocol", "health_check", "sticky"]
+        allowed = ["endpoints", "connect_timeout", "lb", "send_proxy_protocol", "health_check", "sticky", "tls"]
         errors_before = self.errors
         keys = self.mapping(node, path, allowed, {"endpoints": "a list of ip:port or hostname:port"})
         if keys is None:
@@ -141,6 +163,7 @@ class _Schema(Checker):
             "send_proxy_protocol": ("send_proxy_protocol", self.proxy_protocol_version),
             "health_check": ("health_check", self.health_check),
             "sticky": ("sticky", self.sticky),
+            "tls": ("tls", self.upstream_tls),
         }
         values = self.fields(keys, path, parsers)
         lb = values.get("lb")  # None when lb is absent (then ring_hash) or already reported
@@ -168,15 +191,18 @@ class _Schema(Checker):
         items = self.sequence(node, path, "a list of ip:port or hostname:port")
         if items == []:
             self.report(node, path, "a service needs at least one endpoint (ip:port or hostname:port)")
-        endpoints: dict[SocketAddress, None] = {}
+        endpoints: list[SocketAddress] = []
+        seen: set[tuple[str, int]] = set()  # plain tuples: hashing 50,000 dataclasses shows
         for i, item in enumerate(items or []):
             address = self.socket_address(item, f"{path}[{i}]", allow_hostname=True)
             if address is None:
                 continue
-            if address in endpoints:
+            key = (address.host, address.port)
+            if key in seen:
                 self.report(item, f"{path}[{i}]", f"duplicate endpoint '{address}'; list each endpoint once")
             else:
-                endpoints[address] = None
+                seen.add(key)
+                endpoints.append(address)
         return tuple(endpoints)
 
     def health_check(self, node: Node, path: str) -> HealthCheck | None:
@@ -200,6 +226,9 @@ class _Schema(Checker):
         text = self.scalar(node, path, str, f"an address ({forms})")
         if text is None:
             return None
+        common = IPV4_PORT_RE.fullmatch(text)
+        if common is not None and int(common["port"]) <= 65535:
+            return SocketAddress(common["host"], int(common["port"]))
         match = BRACKETED_ADDRESS_RE.fullmatch(text) or ADDRESS_RE.fullmatch(text)
         if not match:
             self.report(node, path, f"{_address_problem(text)}; valid: {forms}")
@@ -309,12 +338,16 @@ class _Schema(Checker):
             "access_log": ("access_log", self.access_log),
             "stat_prefix": ("stat_prefix", self.name),
             "idle_timeout": ("idle_timeout_ms", self.duration_ms),
+            "tls": ("tls", self.downstream_tls),
+            "sni_routes": ("sni_routes", self.sni_routes),
         }
         placed = {key: keys[key] for key in keys if key not in misplaced}
         values.update(self.fields(placed, path, parsers))
         if protocol is Protocol.HTTP and "routes" not in keys:
             self.missing(node, f"{path}.routes", "an http listener needs 'routes': a list of {prefix, service}")
-        elif protocol in (Protocol.TCP, Protocol.UDP) and "service" not in keys:
+        elif protocol in (Protocol.TCP, Protocol.UDP) and "service" not in keys and not (
+            protocol is Protocol.TCP and "sni_routes" in keys  # then `service` is the optional default
+        ):
             self.missing(node, f"{path}.service", f"a {protocol} listener needs 'service': the upstream service name")
         if values.get("match") is not None and "allow_from" not in keys and "deny_from" not in keys:
             self.report(
@@ -581,6 +614,262 @@ class _Schema(Checker):
             return None
         return target
 
+    # -- TLS ---------------------------------------------------------------------------------------
+    def downstream_tls(self, node: Node, path: str) -> DownstreamTls | None:
+        required = {"certificates": "a list of {cert, key, server_names}"}
+        keys = self.mapping(node, path, ["certificates", "alpn", "min_version"], required)
+        if keys is None:
+            return None
+        parsers: Parsers = {
+            "certificates": ("certificates", self.certificates),
+            "alpn": ("alpn", self.alpn),
+            "min_version": ("min_version", self.tls_version),
+        }
+        values = self.fields(keys, path, parsers)
+        return None if None in values.values() or "certificates" not in keys else DownstreamTls(**values)
+
+    def certificates(self, node: Node, path: str) -> tuple[Certificate, ...] | None:
+        items = self.sequence(node, path, "a list of {cert, key, server_names}")
+        if items is None:
+            return None
+        if not items:
+            self.report(node, path, "list at least one certificate: {cert: /path/chain.pem, key: /path/key.pem}")
+            return None
+        certificates = [self.certificate(item, f"{path}[{i}]", server_names=True) for i, item in enumerate(items)]
+        if None in certificates:
+            return None
+        # Envoy picks a filter chain by SNI: one name in two chains, or two chains for clients
+        # without a known name, is a listener Envoy refuses.
+        claimed: dict[str, str] = {}
+        for i, (item, certificate) in enumerate(zip(items, certificates, strict=True)):
+            assert certificate is not None and isinstance(item, MappingNode)
+            names = [value for key, value in item.value if key.value == "server_names"]
+            where = names[0] if names else item
+            for name in certificate.server_names or ("",):
+                if name in claimed:
+                    problem = (f"server name {quoted(name)} is already served by {claimed[name]}; each name picks one"
+                               " certificate" if name else
+                               f"{claimed[name]} is already the default certificate (no server_names); give this"
+                               " one server_names, or remove one of the two")
+                    self.report(where, f"{path}[{i}].server_names", problem)
+                    return None
+                what = f"{path.rpartition('.')[2]}[{i}] (line {where.start_mark.line + 1})"
+                claimed[name] = what
+        return tuple(c for c in certificates if c is not None)
+
+    def certificate(self, node: Node, path: str, server_names: bool) -> Certificate | None:
+        allowed = ["cert", "key", "server_names"] if server_names else ["cert", "key"]
+        required = {"cert": "the PEM certificate chain file", "key": "the PEM private key file"}
+        keys = self.mapping(node, path, allowed, required)
+        if keys is None or "cert" not in keys or "key" not in keys:
+            return None
+        parsers: Parsers = {
+            "cert": ("cert", self.pem_path),
+            "key": ("key", self.pem_path),
+            "server_names": ("server_names", self.server_names),
+        }
+        values = self.fields(keys, path, parsers)
+        if None in values.values():
+            return None
+        certificate = Certificate(**values)
+        self.check_key_pair(certificate, keys, path)
+        return certificate
+
+    def pem_path(self, node: Node, path: str) -> str | None:
+        target = self.scalar(node, path, str, "an absolute path of a PEM file")
+        if target is None:
+            return None
+        if not target.startswith("/"):
+            self.report(
+                node, path,
+                f"{quoted(target)} is relative, and Envoy would resolve it against its own working directory;"
+                " valid: an absolute path such as /etc/keepsrc/tls/edge.pem",
+            )
+            return None
+        problem = _log_path_problem(target)
+        if problem:
+            self.report(node, path, f"{quoted(target)} {problem}; valid: e.g. /etc/keepsrc/tls/edge.pem")
+            return None
+        return target
+
+    def check_key_pair(self, certificate: Certificate, keys: Keys, path: str) -> None:
+        """The files exist, parse, match and are in date, as Envoy will need them to.
+
+        Envoy runs on this host or sees the same files (keepsrc writes the SDS file beside the
+        certificate); a problem found here would otherwise be a listener that resets every handshake.
+        """
+        cert_node, key_node = keys["cert"][1], keys["key"][1]
+        chain = self.read_certificates(cert_node, f"{path}.cert", certificate.cert)
+        key_data = self.read_file(key_node, f"{path}.key", certificate.key, "private key")
+        if key_data is None:
+            return
+        try:
+            key = serialization.load_pem_private_key(key_data, password=None)
+        except TypeError:
+            self.report(key_node, f"{path}.key", f"{quoted(certificate.key)} is an encrypted private key; Envoy"
+                        " needs it unencrypted (openssl pkey -in KEY -out KEY.plain)")
+            return
+        except (ValueError, UnsupportedAlgorithm):
+            self.report(key_node, f"{path}.key", f"{quoted(certificate.key)} holds no PEM private key")
+            return
+        if chain and _public(chain[0].public_key()) != _public(key.public_key()):
+            self.report(
+                key_node, f"{path}.key",
+                f"{quoted(certificate.key)} does not match the certificate in {quoted(certificate.cert)} (line"
+                f" {cert_node.start_mark.line + 1}): its public key differs; use the key it was issued for",
+            )
+        if not os.access(os.path.dirname(certificate.cert), os.W_OK):
+            self.report(
+                cert_node, f"{path}.cert",
+                f"keepsrc writes the SDS file Envoy reads this certificate through beside it, and"
+                f" {quoted(os.path.dirname(certificate.cert))} is not writable here",
+            )
+
+    def read_file(self, node: Node, path: str, file: str, what: str) -> bytes | None:
+        try:
+            with open(file, "rb") as f:
+                return f.read(1 << 20)  # a PEM bundle of every public root CA is about 200 KB
+        except OSError as exc:
+            self.report(node, path, f"cannot read {what} file {quoted(file)}: {exc.strerror or exc}")
+            return None
+
+    def read_certificates(
+        self, node: Node, path: str, file: str, bundle: bool = False
+    ) -> list[x509.Certificate] | None:
+        """The PEM certificates in `file`, leaf first; reported when none, or when one is out of date
+        (a CA `bundle`: when all are, since a system bundle may still list a retired root)."""
+        data = self.read_file(node, path, file, "certificate")
+        if data is None:
+            return None
+        try:
+            with warnings.catch_warnings():
+                # Debian's bundle has a root with a negative serial number, which cryptography
+                # warns about; BoringSSL in Envoy reads it, and it is not the user's to fix.
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                chain = x509.load_pem_x509_certificates(data)
+        except ValueError:
+            self.report(node, path, f"{quoted(file)} holds no PEM certificate ('-----BEGIN CERTIFICATE-----')")
+            return None
+        now = datetime.datetime.now(datetime.UTC)
+        expired = [cert for cert in chain if cert.not_valid_after_utc < now]
+        if expired and (not bundle or len(expired) == len(chain)):
+            cert = expired[0]
+            subject = cert.subject.rfc4514_string() or "(no subject)"
+            self.report(
+                node, path,
+                f"certificate {quoted(subject)} in {quoted(file)} expired on"
+                f" {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; every client would refuse it: renew it",
+            )
+            return None
+        return chain
+
+    def server_names(self, node: Node, path: str) -> tuple[str, ...] | None:
+        items = self.sequence(node, path, "a list of SNI names, e.g. [shop.example.com, '*.example.com']")
+        if items is None:
+            return None
+        if not items:
+            self.report(node, path, "list at least one name, or remove server_names (the default certificate)")
+            return None
+        names: dict[str, None] = {}
+        for i, item in enumerate(items):
+            name = self.server_name(item, f"{path}[{i}]")
+            if name is None:
+                return None
+            if name in names:
+                self.report(item, f"{path}[{i}]", f"duplicate server name {quoted(name)}; list each name once")
+                return None
+            names[name] = None
+        return tuple(names)
+
+    def server_name(self, node: Node, path: str) -> str | None:
+        name = self.scalar(node, path, str, "an SNI name such as shop.example.com or *.example.com")
+        if name is None:
+            return None
+        if len(name) > 253 or not SERVER_NAME_RE.fullmatch(name) or name != name.lower():
+            self.report(
+                node, path,
+                f"{quoted(name)} is not an SNI name; valid: a lowercase hostname (shop.example.com) or a wildcard"
+                " for one level of subdomains (*.example.com)",
+            )
+            return None
+        return name
+
+    def alpn(self, node: Node, path: str) -> tuple[str, ...] | None:
+        items = self.sequence(node, path, f"a list of ALPN protocols ({', '.join(ALPN)})")
+        if items is None:
+            return None
+        if not items:
+            self.report(node, path, f"list at least one of {', '.join(ALPN)}, or remove alpn (both)")
+            return None
+        protocols = [self.choice(item, f"{path}[{i}]", str, ALPN) for i, item in enumerate(items)]
+        return None if None in protocols else tuple(dict.fromkeys(p for p in protocols if p is not None))
+
+    def tls_version(self, node: Node, path: str) -> TlsVersion | None:
+        if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:float":
+            # `1.2` unquoted is a number to YAML; it can only mean the version.
+            node = ScalarNode(STR_TAG, node.value, node.start_mark, node.end_mark)
+        return self.choice(node, path, TlsVersion, [v.value for v in TlsVersion])
+
+    def sni_routes(self, node: Node, path: str) -> tuple[SniRoute, ...] | None:
+        items = self.sequence(node, path, "a list of {server_names, service}")
+        if items is None:
+            return None
+        if not items:
+            self.report(node, path, "list at least one {server_names: [...], service: ...}, or remove sni_routes")
+            return None
+        required = {"server_names": "the SNI names this route takes", "service": "the upstream service name"}
+        parsers: Parsers = {
+            "server_names": ("server_names", self.server_names),
+            "service": ("service", self.service_ref),
+        }
+        routes: list[SniRoute] = []
+        claimed: dict[str, str] = {}
+        for i, item in enumerate(items):
+            item_path = f"{path}[{i}]"
+            keys = self.mapping(item, item_path, ["server_names", "service"], required) or {}
+            values = self.fields(keys, item_path, parsers)
+            if None in values.values() or len(values) < 2:
+                continue
+            names_node = keys["server_names"][1]
+            taken = [name for name in values["server_names"] if name in claimed]
+            if taken:
+                self.report(names_node, f"{item_path}.server_names",
+                            f"server name {quoted(taken[0])} is already routed by {claimed[taken[0]]}; each name"
+                            " picks one route")
+                continue
+            for name in values["server_names"]:
+                claimed[name] = f"sni_routes[{i}] (line {names_node.start_mark.line + 1})"
+            routes.append(SniRoute(**values))
+        return tuple(routes) if len(routes) == len(items) else None
+
+    def upstream_tls(self, node: Node, path: str) -> UpstreamTls | None:
+        allowed = ["ca", "sni", "client_certificate", "min_version"]
+        required = {"ca": "the PEM CA bundle to verify the upstream's certificate with"}
+        keys = self.mapping(node, path, allowed, required)
+        if keys is None or "ca" not in keys:
+            return None
+        parsers: Parsers = {
+            "ca": ("ca", self.ca),
+            "sni": ("sni", self.sni),
+            "client_certificate": ("client_certificate", lambda n, p: self.certificate(n, p, server_names=False)),
+            "min_version": ("min_version", self.tls_version),
+        }
+        values = self.fields(keys, path, parsers)
+        return None if None in values.values() else UpstreamTls(**values)
+
+    def ca(self, node: Node, path: str) -> str | None:
+        target = self.pem_path(node, path)
+        if target is None or self.read_certificates(node, path, target, bundle=True) is None:
+            return None
+        return target
+
+    def sni(self, node: Node, path: str) -> str | None:
+        name = self.server_name(node, path)
+        if name is not None and name.startswith("*."):
+            self.report(node, path, f"{quoted(name)}: a client names one server; valid: e.g. backend.example.com")
+            return None
+        return name
+
     def xff(self, node: Node, path: str) -> Xff | None:
         keys = self.mapping(node, path, ["use_remote_address", "trusted_hops", "skip_append", "internal_cidrs"])
         if keys is None:
@@ -614,6 +903,13 @@ def _log_path_problem(target: str) -> str:
     if components[-1] in ("", ".", ".."):
         return "names a directory, not a file"
     return ""
+
+
+def _public(key: object) -> bytes:
+    """A public key's SubjectPublicKeyInfo bytes: equal exactly when two keys are one key."""
+    return key.public_bytes(  # type: ignore[attr-defined,no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _address_problem(text: str) -> str:

@@ -45,6 +45,13 @@ class ProxyProtocolVersion(StrEnum):
     V2 = "v2"
 
 
+class TlsVersion(StrEnum):
+    """The oldest TLS version a listener or an upstream connection accepts."""
+
+    TLS1_2 = "1.2"
+    TLS1_3 = "1.3"
+
+
 class Sticky(StrEnum):
     CLIENT_IP = "client_ip"  # hash on the original client address: one client, one backend
 
@@ -95,6 +102,7 @@ class Service:
     send_proxy_protocol: ProxyProtocolVersion | None = None
     health_check: HealthCheck | None = None
     sticky: Sticky | None = None
+    tls: UpstreamTls | None = None  # with send_proxy_protocol: the PROXY header first, then the handshake
 
     @property
     def effective_lb(self) -> LbPolicy:
@@ -135,6 +143,49 @@ class Xff:
 
 
 @dataclass(frozen=True)
+class Certificate:
+    """A certificate chain and its private key, both PEM files on the Envoy's host.
+
+    Envoy reads them through a file-based SDS secret (keepsrc.snapshots.tls writes it beside the
+    certificate), so a certificate renewed on disk is used for new handshakes without a listener
+    change. `server_names`: the SNI names this certificate answers; empty for the default one.
+    """
+
+    cert: str
+    key: str
+    server_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DownstreamTls:
+    """TLS termination on an http listener: one filter chain per certificate, chosen by SNI."""
+
+    certificates: tuple[Certificate, ...]
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
+    min_version: TlsVersion = TlsVersion.TLS1_2
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """TLS from Envoy to a service's endpoints, verified against the PEM bundle `ca`."""
+
+    ca: str
+    sni: str | None = None  # also the name the upstream's certificate must carry
+    client_certificate: Certificate | None = None
+    min_version: TlsVersion = TlsVersion.TLS1_2
+
+
+
+@dataclass(frozen=True)
+class SniRoute:
+    """SNI passthrough on a tcp listener: connections whose ClientHello names one of
+    `server_names` go to `service`, still encrypted."""
+
+    server_names: tuple[str, ...]
+    service: str
+
+
+@dataclass(frozen=True)
 class Route:
     prefix: str
     service: str
@@ -157,14 +208,30 @@ class Listener:
     access_log: str | None = None  # "stdout", "stderr" or a file path; JSON lines
     stat_prefix: str | None = None  # default: the listener name
     idle_timeout_ms: int | None = None  # tcp: connection idle timeout; udp: session idle timeout
+    tls: DownstreamTls | None = None  # http only: terminate TLS here
+    sni_routes: tuple[SniRoute, ...] = ()  # tcp only: pass TLS through, by SNI; `service` is the default
 
     @property
     def stats_name(self) -> str:
         return self.stat_prefix or self.name
 
+    @property
+    def inspects_tls(self) -> bool:
+        """tls_inspector is on: asked for, or needed to read the SNI that picks a filter chain."""
+        by_sni = bool(self.sni_routes) or (self.tls is not None and any(c.server_names for c in self.tls.certificates))
+        return self.tls_inspector or by_sni
+
+    @property
+    def passes_tls_through(self) -> bool:
+        """A tcp listener that routes TLS by SNI without decrypting it."""
+        return bool(self.sni_routes)
+
     def services(self) -> tuple[str, ...]:
         """Upstream services this listener sends to, in first-use order."""
-        names = [self.service] if self.service else [r.service for r in self.routes]
+        if self.routes:
+            names = [r.service for r in self.routes]
+        else:
+            names = [r.service for r in self.sni_routes] + ([self.service] if self.service else [])
         return tuple(dict.fromkeys(names))
 
 
