@@ -1,8 +1,9 @@
-"""`keepsrc` command line: validate | render | explain | bootstrap | netplan | serve | status | demo."""
+"""`keepsrc` command line: validate | render | explain | bootstrap | netplan | serve | push | status | demo."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -12,11 +13,13 @@ from keepsrc.demo.cli import add_demo_arguments, run_demo
 from keepsrc.explain import explain, render_text
 from keepsrc.explain import to_json as explain_json
 from keepsrc.netplan.cli import add_netplan_arguments, run_netplan
-from keepsrc.server.cli import add_serve_arguments, run_serve
+from keepsrc.server.cli import add_serve_arguments, add_store_arguments, run_serve, store_from_args
 from keepsrc.server.status import add_status_arguments, run_status
 from keepsrc.snapshots.bootstrap import XdsApi, XdsTransport, static_bootstrap, xds_bootstrap
 from keepsrc.snapshots.builder import build_snapshot
 from keepsrc.snapshots.render import dump, snapshot_dict, to_dict
+from keepsrc.snapshots.tls import write_secret_files
+from keepsrc.store import ConflictError, Store, StoreError
 from keepsrc.topology.diagnostics import Severity
 from keepsrc.topology.loader import check_topology
 from keepsrc.topology.model import SocketAddress, Topology
@@ -45,6 +48,11 @@ def xds_target(text: str) -> SocketAddress | PurePosixPath:
             raise argparse.ArgumentTypeError(f"'{text}': a unix socket needs an absolute path (unix:/run/keepsrc.sock)")
         return path
     return host_port(text)
+
+
+def xds_targets(text: str) -> list[SocketAddress | PurePosixPath]:
+    """argparse type for --xds: one target, or a comma list of replicas."""
+    return [xds_target(item.strip()) for item in text.split(",")]
 
 
 def admin_host_port(text: str) -> SocketAddress:
@@ -111,6 +119,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     if topology is None:
         return 1
     if args.static:
+        write_secret_files(topology)  # the static Envoy reads its certificates through these files
         node = _pick_node(topology, args.file, args.node)
         if node is None:
             return 2
@@ -125,11 +134,52 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
+    targets = [t for group in args.xds or [[SocketAddress("127.0.0.1", 18000)]] for t in group]
+    addresses = [t for t in targets if isinstance(t, SocketAddress)]
+    if len(addresses) != len(targets) and len(targets) > 1:
+        print("keepsrc bootstrap: a unix socket is one server; replicas are HOST:PORT addresses", file=sys.stderr)
+        return 2
+    xds = targets[0] if len(targets) == 1 else addresses
     bootstrap = xds_bootstrap(
-        args.node, args.xds, args.admin, XdsApi(args.api), XdsTransport(args.transport), args.cluster
+        args.node, xds, args.admin, XdsApi(args.api), XdsTransport(args.transport), args.cluster, args.replicas
     )
     sys.stdout.write(dump(to_dict(bootstrap), args.format))
     return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Validate as `validate` does, then write atomically: only over the revision read just
+    before (or --if-revision), so two pushes at once cannot overwrite each other unseen."""
+    store = store_from_args(args.parser, args, args.store)
+    if not store.shared:
+        args.parser.error(f"push writes to a store replicas share (etcd://...), not to {store.name}")
+    code = cmd_validate(args)
+    if code:
+        print(f"{args.file}: not pushed", file=sys.stderr)
+        return code
+    try:
+        data = args.file.read_bytes()
+        revision = asyncio.run(_push(store, data, args.if_revision))
+    except ConflictError as exc:
+        print(f"keepsrc push: not pushed: {exc}", file=sys.stderr)
+        return 3
+    except (StoreError, OSError) as exc:
+        print(f"keepsrc push: not pushed: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: pushed to {store.name} at revision {revision}")
+    return 0
+
+
+async def _push(store: Store, data: bytes, expected: int | None) -> int:
+    from keepsrc.store.etcd import EtcdStore
+
+    assert isinstance(store, EtcdStore)
+    try:
+        if expected is None:
+            expected = await store.latest_revision()
+        return await store.write(data, expected or None)  # 0 or None: the key must not exist yet
+    finally:
+        await store.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,8 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--node", required=True, help="the Envoy's node.id")
     bootstrap.add_argument("--cluster", help="the Envoy's node.cluster (default: the node id); a fleet of "
                            "Envoys with one cluster name shares the proxy entry of that name")
-    bootstrap.add_argument("--xds", type=xds_target, default=SocketAddress("127.0.0.1", 18000),
-                           help="the keepsrc server: HOST:PORT or unix:/path (default 127.0.0.1:18000)")
+    bootstrap.add_argument("--xds", type=xds_targets, action="append", metavar="ADDRESS",
+                           help="the keepsrc server: HOST:PORT or unix:/path (default 127.0.0.1:18000); replicas "
+                           "of one store: --xds A --xds B, or A,B")
+    bootstrap.add_argument("--replicas", action="store_true",
+                           help="the one --xds name resolves to every replica (STRICT_DNS): reconnect fast, with "
+                           "keepalive (implied by several --xds)")
     bootstrap.add_argument("--admin", type=admin_host_port, default=SocketAddress("127.0.0.1", 9901),
                            help="Envoy's admin address (default 127.0.0.1:9901)")
     bootstrap.add_argument("--api", choices=[a.value for a in XdsApi], default=XdsApi.SOTW.value,
@@ -182,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the topology to Envoys over gRPC ADS; reload on change")
     add_serve_arguments(serve)
     serve.set_defaults(run=run_serve)
+
+    push = commands.add_parser("push", help="validate a topology, then write it to the store replicas share "
+                               "(exit 1 invalid, 2 store unreachable, 3 someone else pushed meanwhile)")
+    push.add_argument("file", type=Path)
+    add_store_arguments(push, required=True)
+    push.add_argument("--if-revision", type=int, metavar="REVISION",
+                      help="write only if the store is still at this revision (what you based the edit on)")
+    push.set_defaults(run=cmd_push, parser=push)
 
     status = commands.add_parser("status", help="what every connected Envoy ACKed or NACKed (exit 1 on a NACK)")
     add_status_arguments(status)

@@ -136,6 +136,9 @@ scrape_configs:
             assert value(promql(prom_port, 'keepsrc_xds_push_time_seconds_count{type="listener"}')) >= 2
             assert value(promql(prom_port, 'keepsrc_xds_config_size_bytes_sum{type="cluster"}')) > 0
             assert value(promql(prom_port, "keepsrc_xds_rejects_total")) == 0
+            # The start and the change: two good loads, each timed.
+            assert value(promql(prom_port, 'keepsrc_topology_reloads_total{result="ok"}')) == 2
+            assert value(promql(prom_port, "keepsrc_topology_build_seconds_count")) == 2
         until(lambda: 'keepsrc_xds_connected{api="sotw"} 0.0' in serve.metrics(), 20, "the disconnect")
     finally:
         serve.stop()

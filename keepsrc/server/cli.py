@@ -1,4 +1,5 @@
-"""`keepsrc serve`: the xDS server for a topology file, with hot reload, SIGHUP and clean SIGTERM."""
+"""`keepsrc serve`: the xDS server for a topology file or a shared store, with hot reload, SIGHUP
+and clean SIGTERM."""
 
 from __future__ import annotations
 
@@ -12,13 +13,47 @@ from keepsrc.server import logs, metrics
 from keepsrc.server.cache import SnapshotCache
 from keepsrc.server.reload import TopologySource
 from keepsrc.server.service import start
+from keepsrc.store import LocalStore, Store, open_store
 
 log = logging.getLogger("keepsrc.server")
+
+
+def add_store_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """--store and the TLS options of etcd (serve and push)."""
+    parser.add_argument("--store", required=required, metavar="URL",
+                        help="etcd://HOST:PORT[,HOST:PORT...]/PREFIX: the topology is the key PREFIX/topology.yaml, "
+                        "shared by every replica that serves it" + ("" if required else "; or a file path"))
+    tls = parser.add_argument_group("TLS to etcd")
+    tls.add_argument("--etcd-ca", type=Path, metavar="PEM", help="CA certificate etcd's certificate is checked "
+                     "against; turns TLS on")
+    tls.add_argument("--etcd-cert", type=Path, metavar="PEM", help="client certificate (etcd --client-cert-auth)")
+    tls.add_argument("--etcd-key", type=Path, metavar="PEM", help="the client certificate's private key")
+    tls.add_argument("--etcd-server-name", metavar="NAME",
+                     help="the name etcd's certificate must carry (default: the first host of the URL)")
+
+
+def store_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, where: str | Path | None) -> Store:
+    """The store `where` names, with the TLS options; exits with a usage error on a bad URL."""
+    tls = None
+    tls_options = (args.etcd_cert, args.etcd_key, args.etcd_server_name)
+    if args.etcd_ca is None and any(option is not None for option in tls_options):
+        parser.error("--etcd-cert, --etcd-key and --etcd-server-name need --etcd-ca (TLS)")
+    if (args.etcd_cert is None) != (args.etcd_key is None):
+        parser.error("--etcd-cert and --etcd-key go together")
+    if args.etcd_ca is not None:
+        from keepsrc.store.etcd import EtcdTls
+
+        tls = EtcdTls(args.etcd_ca, args.etcd_cert, args.etcd_key, args.etcd_server_name)
+    try:
+        return open_store(where, tls)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("topology", nargs="?", type=Path,
                         help="topology YAML to serve and watch (default: the built-in quickstart example)")
+    add_store_arguments(parser)
     parser.add_argument("--listen", default="127.0.0.1:18000", metavar="HOST:PORT",
                         help="address of the xDS gRPC server (default: %(default)s)")
     parser.add_argument("--debounce-ms", type=int, default=200, metavar="MS",
@@ -30,9 +65,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="json: one object per line; ACK/NACK lines carry node, type, version and nonce")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: none)")
+    parser.set_defaults(parser=parser)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.topology is not None and args.store is not None:
+        args.parser.error(f"serve either {args.topology} or --store {args.store}, not both")
+    store = store_from_args(args.parser, args, args.store or args.topology)
     logs.configure(args.log_level, args.log_format)
     if args.metrics:
         try:
@@ -41,19 +80,24 @@ def run_serve(args: argparse.Namespace) -> int:
             log.error("cannot serve metrics on %s: %s", args.metrics, exc)
             return 1
         log.info("metrics on http://%s/metrics", args.metrics)
-    return asyncio.run(_serve(args))
+    return asyncio.run(_serve(args, store))
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace, store: Store) -> int:
     cache = SnapshotCache()
-    source = TopologySource(cache, args.topology)
-    if not source.load():
+    source = TopologySource(cache, store)
+    # A file must load before anything is served: a typo fails the start, where it is seen. A
+    # shared store is another matter: a replica starts whatever it holds (empty, invalid,
+    # unreachable), says NOT_SERVING and refuses streams until it has a topology, and keeps trying.
+    if isinstance(store, LocalStore) and not source.load():
         return 2
     try:
         server = await start(cache, args.listen)
     except OSError as exc:
         log.error("%s", exc)
         return 1
+    if not isinstance(store, LocalStore):
+        log.info("serving %s; NOT_SERVING until a topology is loaded from it", store.name)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -64,6 +108,7 @@ async def _serve(args: argparse.Namespace) -> int:
     log.info("shutting down: closing every stream")
     await server.stop(grace=1.0)
     await watcher
+    await store.close()
     return 0
 
 

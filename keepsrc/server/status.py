@@ -1,35 +1,50 @@
-"""`keepsrc status`: ask a running keepsrc server (CSDS) what every connected Envoy holds."""
+"""`keepsrc status`: ask running keepsrc servers (CSDS) what every connected Envoy holds; for
+replicas of one store, also the store revision each serves."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from envoy.admin.v3 import config_dump_shared_pb2
 from envoy.service.status.v3 import csds_pb2
 
-from keepsrc.server.csds import SERVICE
+from keepsrc.server.csds import REVISION_METADATA, SERVICE
 from keepsrc.snapshots.render import dump, to_dict
 from keepsrc.snapshots.snapshot import SHORT_NAMES
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--xds", default="127.0.0.1:18000", metavar="HOST:PORT",
-                        help="the keepsrc server, HOST:PORT or unix:/path (default: %(default)s)")
+    parser.add_argument("--xds", action="append", metavar="HOST:PORT",
+                        help="a keepsrc server, HOST:PORT or unix:/path (default: 127.0.0.1:18000); replicas: "
+                        "--xds A --xds B, or A,B")
     parser.add_argument("--format", choices=["text", "json"], default="text")
 
 
-def fetch(target: str, timeout: float = 5.0) -> csds_pb2.ClientStatusResponse:
+@dataclass(frozen=True)
+class ReplicaStatus:
+    target: str
+    response: csds_pb2.ClientStatusResponse
+    revision: int | None  # the store revision it serves; None: a file, or not a replica
+
+
+def fetch_replica(target: str, timeout: float = 5.0) -> ReplicaStatus:
     with grpc.insecure_channel(target) as channel:
         call = channel.unary_unary(
             f"/{SERVICE}/FetchClientStatus",
             request_serializer=csds_pb2.ClientStatusRequest.SerializeToString,
             response_deserializer=csds_pb2.ClientStatusResponse.FromString,
         )
-        response: csds_pb2.ClientStatusResponse = call(csds_pb2.ClientStatusRequest(), timeout=timeout)
-        return response
+        response, rpc = call.with_call(csds_pb2.ClientStatusRequest(), timeout=timeout)
+        revision = dict(rpc.initial_metadata() or ()).get(REVISION_METADATA)
+        return ReplicaStatus(target, response, int(revision) if revision is not None else None)
+
+
+def fetch(target: str, timeout: float = 5.0) -> csds_pb2.ClientStatusResponse:
+    return fetch_replica(target, timeout).response
 
 
 def render_text(response: csds_pb2.ClientStatusResponse) -> str:
@@ -48,13 +63,40 @@ def render_text(response: csds_pb2.ClientStatusResponse) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _replica_heading(replica: ReplicaStatus) -> str:
+    served = "a file (no store revision)" if replica.revision is None else f"store revision {replica.revision}"
+    return f"== {replica.target}: {served}\n"
+
+
 def run_status(args: argparse.Namespace) -> int:
-    try:
-        response = fetch(args.xds)
-    except grpc.RpcError as exc:
-        print(f"keepsrc status: cannot reach a keepsrc server at {args.xds}: {exc.details()}", file=sys.stderr)
+    targets = [t.strip() for group in args.xds or ["127.0.0.1:18000"] for t in group.split(",") if t.strip()]
+    replicas: list[ReplicaStatus] = []
+    unreachable = False
+    for target in targets:
+        try:
+            replicas.append(fetch_replica(target))
+        except grpc.RpcError as exc:
+            print(f"keepsrc status: cannot reach a keepsrc server at {target}: {exc.details()}", file=sys.stderr)
+            unreachable = True
+    if len(targets) == 1 and replicas:
+        # One server: as it always was, plus the revision when it serves a shared store.
+        replica = replicas[0]
+        if args.format == "json":
+            sys.stdout.write(dump(to_dict(replica.response), "json"))
+        else:
+            sys.stdout.write((_replica_heading(replica) if replica.revision is not None else "")
+                             + render_text(replica.response))
+    elif args.format == "json":
+        data: Any = [{"xds": r.target, "revision": r.revision, **to_dict(r.response)} for r in replicas]
+        sys.stdout.write(dump(data, "json"))
+    else:
+        sys.stdout.write("".join(_replica_heading(r) + render_text(r.response) for r in replicas))
+        revisions = {r.revision for r in replicas}
+        if len(revisions) > 1:
+            print("replicas serve different store revisions: "
+                  + ", ".join(f"{r.target} {r.revision}" for r in replicas), file=sys.stderr)
+    if unreachable:
         return 2
-    data: Any = to_dict(response)
-    sys.stdout.write(dump(data, "json") if args.format == "json" else render_text(response))
-    errors = any(x.config_status == csds_pb2.ERROR for c in response.config for x in c.generic_xds_configs)
+    errors = any(x.config_status == csds_pb2.ERROR
+                 for r in replicas for c in r.response.config for x in c.generic_xds_configs)
     return 1 if errors else 0

@@ -6,6 +6,7 @@ start-up failure) and converted to plain dicts for YAML output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import PurePosixPath
 
@@ -18,6 +19,14 @@ from keepsrc.snapshots.builder import cluster_resource, listener_resource, pack,
 from keepsrc.topology.model import Service, SocketAddress, Topology
 
 XDS_CLUSTER = "keepsrc_xds"
+# Towards replicas: Envoy's xDS reconnect backoff is 500 ms base, 30 s cap; after a replica dies
+# an Envoy should find another within a second or so, not wait half a minute.
+RETRY_BASE_MS = 250
+RETRY_MAX_MS = 5000
+# HTTP/2 pings on the xDS connection: a replica whose host vanished (no RST ever comes) is noticed
+# within interval + timeout, and the stream moves to another replica.
+KEEPALIVE_INTERVAL_S = 15
+KEEPALIVE_TIMEOUT_S = 5
 
 
 class XdsApi(StrEnum):
@@ -30,10 +39,17 @@ class XdsTransport(StrEnum):
     PER_TYPE = "per-type"  # one stream per type (LDS, CDS, RDS, EDS) for Envoys that do not use ADS
 
 
-def _xds_cluster(xds: SocketAddress | PurePosixPath) -> cluster_pb2.Cluster:
+XdsTarget = SocketAddress | PurePosixPath | Sequence[SocketAddress]
+
+
+def _xds_cluster(xds: PurePosixPath | tuple[SocketAddress, ...], replicas: bool) -> cluster_pb2.Cluster:
+    options = protocol_pb2.Http2ProtocolOptions()
+    if replicas:
+        options.connection_keepalive.interval.FromSeconds(KEEPALIVE_INTERVAL_S)
+        options.connection_keepalive.timeout.FromSeconds(KEEPALIVE_TIMEOUT_S)
     http2 = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+            http2_protocol_options=options
         )
     )
     # gRPC needs HTTP/2 to the management server; otherwise it is an ordinary static cluster.
@@ -45,7 +61,9 @@ def _xds_cluster(xds: SocketAddress | PurePosixPath) -> cluster_pb2.Cluster:
         cluster.load_assignment.cluster_name = XDS_CLUSTER
         endpoint.address.pipe.path = str(xds)
     else:
-        cluster = cluster_resource(Service(name=XDS_CLUSTER, endpoints=(xds,)), inline_endpoints=True)
+        # Several replicas: one STATIC endpoint each (STRICT_DNS for names: one name resolving to
+        # every replica works too); each stream goes to one, a broken one reconnects to another.
+        cluster = cluster_resource(Service(name=XDS_CLUSTER, endpoints=xds), inline_endpoints=True)
     cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(
         pack(http2)
     )
@@ -58,18 +76,30 @@ def _admin(admin: SocketAddress) -> bootstrap_pb2.Admin:
 
 def xds_bootstrap(
     node_id: str,
-    xds: SocketAddress | PurePosixPath,
+    xds: XdsTarget,
     admin: SocketAddress,
     api: XdsApi = XdsApi.SOTW,
     transport: XdsTransport = XdsTransport.ADS,
     node_cluster: str | None = None,
+    replicas: bool = False,
 ) -> bootstrap_pb2.Bootstrap:
-    """A bootstrap whose listeners and clusters all come from the keepsrc server at `xds`."""
+    """A bootstrap whose listeners and clusters all come from the keepsrc server at `xds`: one
+    address, or several replicas of one store. `replicas` (implied by several addresses; set it for
+    one DNS name of every replica) adds a short reconnect backoff and HTTP/2 keepalive."""
+    target = xds if isinstance(xds, PurePosixPath) else (xds,) if isinstance(xds, SocketAddress) else tuple(xds)
+    if not target:
+        raise ValueError("no xDS server address")
+    replicas = replicas or (isinstance(target, tuple) and len(target) > 1)
+    grpc_service = grpc_service_pb2.GrpcService(envoy_grpc={"cluster_name": XDS_CLUSTER})
+    if replicas:
+        backoff = grpc_service.envoy_grpc.retry_policy.retry_back_off
+        backoff.base_interval.FromMilliseconds(RETRY_BASE_MS)
+        backoff.max_interval.FromMilliseconds(RETRY_MAX_MS)
     api_source = config_source_pb2.ApiConfigSource(
         api_type=config_source_pb2.ApiConfigSource.DELTA_GRPC if api is XdsApi.DELTA
         else config_source_pb2.ApiConfigSource.GRPC,
         transport_api_version=config_source_pb2.V3,
-        grpc_services=[grpc_service_pb2.GrpcService(envoy_grpc={"cluster_name": XDS_CLUSTER})],
+        grpc_services=[grpc_service],
         set_node_on_first_message_only=True,
     )
     if transport is XdsTransport.ADS:
@@ -81,7 +111,7 @@ def xds_bootstrap(
     return bootstrap_pb2.Bootstrap(
         node=base_pb2.Node(id=node_id, cluster=node_cluster or node_id),
         dynamic_resources=dynamic,
-        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[_xds_cluster(xds)]),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[_xds_cluster(target, replicas)]),
         admin=_admin(admin),
     )
 
