@@ -3,6 +3,7 @@
     python -m keepsrc.demo.backends tcp 127.0.0.1:9000     # echo a line, prefixed with the client seen
     python -m keepsrc.demo.backends http 127.0.0.1:8080    # answer GETs with JSON: peer + headers
     python -m keepsrc.demo.backends udp 127.0.0.1:5070     # answer datagrams (SIP too) with the source seen
+    python -m keepsrc.demo.backends tls 127.0.0.1:9443 --cert c.pem --key c.key   # TlsBackend: PROXY header, TLS
     python -m keepsrc.demo.backends sip-options 198.18.4.2:5060   # a client: one OPTIONS, print the answer
 """
 
@@ -364,10 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m keepsrc.demo.backends")
-    parser.add_argument("kind", choices=["tcp", "http", "udp", "sip-options"])
+    parser.add_argument("kind", choices=["tcp", "http", "udp", "tls", "sip-options"])
     parser.add_argument("address", help="HOST:PORT to listen on (sip-options: to send to)")
     parser.add_argument("--name", default="backend")
     parser.add_argument("--timeout", type=float, default=6.0, help="sip-options: give up after this many seconds")
+    parser.add_argument("--cert", help="tls: the PEM certificate to serve")
+    parser.add_argument("--key", help="tls: its PEM private key")
     args = parser.parse_args(argv)
     host, _, port = args.address.rpartition(":")
     host = host.strip("[]")
@@ -380,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         TcpBackend(host, int(port), args.name)
     elif args.kind == "udp":
         UdpBackend(host, int(port), args.name, log=sys.stdout)
+    elif args.kind == "tls":
+        if not (args.cert and args.key):
+            parser.error("tls needs --cert and --key")
+        TlsBackend(args.cert, args.key, host, int(port), args.name)
     else:
         HttpBackend(host, int(port), args.name)
     print(f"{args.kind} backend {args.name} listening on {args.address}", flush=True)

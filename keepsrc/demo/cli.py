@@ -22,7 +22,7 @@ from keepsrc.demo.scenarios import SCENARIOS, Demo, Row, Scenario, Skip
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", action="append", metavar="N",
-                        help="run only scenarios whose name starts with N (e.g. 4); repeatable")
+                        help="run only scenario N (e.g. 4), or those whose name starts with N; repeatable")
     parser.add_argument("--loopback", action="store_true",
                         help="use loopback even as root (skips what needs namespaces)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
@@ -31,11 +31,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def _missing(scenario: Scenario, netns: bool) -> str | None:
     if not netns and scenario.loopback is None:
         return scenario.why_netns
-    needs = scenario.needs if netns else ()  # the loopback versions need no HAProxy, nginx or iptables
+    needs = scenario.needs if netns else scenario.loopback_needs
     absent = [b for b in needs if not (shutil.which(b) or Path("/usr/sbin", b).exists())]
     if absent:
         return f"not installed: {', '.join(absent)} (scripts/setup installs them as root)"
     return None
+
+
+def _selects(only: str, name: str) -> bool:
+    """`--only 1` is scenario 1 (not 10); a longer text picks the names it starts."""
+    return name.split(" ", 1)[0] == only if only.isdigit() else name.startswith(only)
 
 
 def run_scenarios(network: Network, workdir: Path, only: list[str] | None = None,
@@ -45,7 +50,7 @@ def run_scenarios(network: Network, workdir: Path, only: list[str] | None = None
     rows: list[Row] = []
     skips: list[Skip] = []
     for scenario in SCENARIOS:
-        if only and not any(scenario.name.startswith(prefix) for prefix in only):
+        if only and not any(_selects(prefix, scenario.name) for prefix in only):
             continue
         reason = _missing(scenario, network.netns)
         if reason:

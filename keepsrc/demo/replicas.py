@@ -26,7 +26,7 @@ from keepsrc.topology import SocketAddress
 if TYPE_CHECKING:
     from keepsrc.demo.scenarios import Demo, Row
 
-NAME = "8 replicas on etcd"
+NAME = "11 replicas on etcd"
 # What moves when Envoy applies anything from its control plane.
 UPDATES = ("cluster_manager.cds.update_success", "listener_manager.lds.update_success",
            "listener_manager.listener_modified", "listener_manager.listener_added",

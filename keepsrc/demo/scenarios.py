@@ -14,7 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -24,6 +24,8 @@ from keepsrc.demo.backends import seen_source
 from keepsrc.demo.envoy import Envoy
 from keepsrc.demo.hosts import Host, Network
 from keepsrc.demo.netns import stop_processes, wait_for
+from keepsrc.demo.replicas import replicas
+from keepsrc.demo.tls_scenarios import NGINX_TLS_CONF, DemoPki, TlsReply, tls_exchange
 from keepsrc.snapshots.bootstrap import xds_bootstrap
 from keepsrc.snapshots.render import to_dict
 from keepsrc.topology import SocketAddress, load_topology
@@ -173,12 +175,12 @@ class Demo:
 
     # -- deploying ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def deploy(self, name: str, topology_text: str, backends: list[tuple[str, str, str]] = (),  # type: ignore[assignment]
+    def deploy(self, name: str, topology_text: str, backends: Sequence[tuple[str, ...]] = (),
                haproxy: list[tuple[list[str], str, str]] = (),  # type: ignore[assignment]
                nginx: str | None = None, netplan: bool = True) -> Iterator[Deployment]:
         """Serve `topology_text` and start every proxy in it on the host of the same name.
 
-        backends: (host, kind, address) run as `python -m keepsrc.demo.backends`;
+        backends: (host, kind, address, *more arguments) run as `python -m keepsrc.demo.backends`;
         haproxy: (binds, target, "send-proxy-v2" | "send-proxy" | "") frontends on the lb host;
         nginx: an address on svc-b where nginx accepts PROXY protocol;
         netplan: apply `keepsrc netplan` on original_src nodes (off only for a negative row).
@@ -190,7 +192,7 @@ class Demo:
         finally:
             deployment.stop()
 
-    def _start(self, deployment: Deployment, name: str, text: str, backends: list[tuple[str, str, str]],
+    def _start(self, deployment: Deployment, name: str, text: str, backends: Sequence[tuple[str, ...]],
                haproxy: list[tuple[list[str], str, str]], nginx: str | None, netplan: bool) -> None:
         path = self.workdir / f"{name}.yaml"
         path.write_text(text)
@@ -204,8 +206,8 @@ class Demo:
             stdout=server_log, stderr=subprocess.STDOUT,
         ))
         wait_for(socket_path.exists, 15, f"keepsrc serve on {socket_path}")
-        for host_name, kind, address in backends:
-            self._backend(deployment, self.network.host(host_name), kind, self.network.translate(address))
+        for host_name, kind, address, *arguments in backends:
+            self._backend(deployment, self.network.host(host_name), kind, self.network.translate(address), arguments)
         for node, proxy in topology.proxies.items():
             host = self.network.host(node)
             self.progress(f"  starting Envoy {node}")
@@ -218,15 +220,16 @@ class Demo:
                 host.run(sys.executable, "-m", "keepsrc.netplan", str(path), "--node", node, "--apply")
                 deployment.netplans.append((host, path, node))
         if nginx is not None:
-            self._nginx(deployment, self.network.translate(nginx))
+            self.start_nginx(deployment, self.network.translate(nginx))
         if haproxy:
             self._haproxy(deployment, name, haproxy)
 
-    def _backend(self, deployment: Deployment, host: Host, kind: str, address: str) -> None:
+    def _backend(self, deployment: Deployment, host: Host, kind: str, address: str, arguments: list[str]) -> None:
         log = self.workdir / f"{deployment.name}.{kind}-{address.replace(':', '_')}.log"
         with log.open("w") as out:
             deployment.processes.append(host.popen(
-                [sys.executable, "-m", "keepsrc.demo.backends", kind, address, "--name", f"{kind}@{address}"],
+                [sys.executable, "-m", "keepsrc.demo.backends", kind, address, "--name", f"{kind}@{address}",
+                 *arguments],
                 stdout=out, stderr=subprocess.STDOUT,
             ))
         # The backend says when it listens (a UDP one cannot be probed with a connection).
@@ -256,18 +259,21 @@ class Demo:
         wait_for(lambda: all(host.run("ss", "-Hltn", f"sport = :{p}", check=False).stdout.strip() for p in ports),
               15, f"HAProxy listening on {', '.join(sorted(ports))}")
 
-    def _nginx(self, deployment: Deployment, listen: str) -> None:
+    def start_nginx(self, deployment: Deployment, listen: str, conf: str = NGINX_CONF, **values: str) -> Path:
+        """nginx on svc-b, from the template `conf` (`{dir}`, `{listen}` and `values` filled in); its directory,
+        one per deployment, holds its logs."""
         nginx = shutil.which("nginx") or (Path("/usr/sbin/nginx") if Path("/usr/sbin/nginx").exists() else None)
         if nginx is None:
             raise RuntimeError("nginx is not installed (scripts/setup installs it as root)")
-        directory = self.workdir / "nginx"
+        directory = self.workdir / f"{deployment.name}.nginx"
         directory.mkdir(exist_ok=True)
         config = directory / "nginx.conf"
-        config.write_text(NGINX_CONF.format(dir=directory, listen=listen))
+        config.write_text(conf.format(dir=directory, listen=listen, **values))
         host = self.network.host("svc-b")
         deployment.processes.append(host.popen([str(nginx), "-c", str(config), "-p", str(directory)],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self._wait_port(host, listen)
+        return directory
 
     # -- traffic --------------------------------------------------------------------------------
     def tcp(self, address: str, payload: str = "hello\n", source: str = "", proxy_header_for: str = "") -> str:
@@ -304,6 +310,12 @@ class Demo:
             return reply
         entries = [e.strip() for e in reply["headers"].get("x-forwarded-for", "").split(",") if e.strip()]
         return self.untranslate(entries[-1 - trusted]) if len(entries) > trusted else "no X-Forwarded-For"
+
+    def tls(self, address: str, sni: str, ca: Path, payload: str = "", proxy_header_for: str = "") -> TlsReply:
+        """One TLS exchange from the client host, which trusts only `ca` and checks the certificate
+        names `sni`; with `proxy_header_for`, a PROXY v2 header naming that address goes first."""
+        return tls_exchange(self.network.host("client"), self.network.translate(address), sni, ca, payload,
+                            proxy_header_for)
 
     def sip(self, address: str) -> str:
         """Send a SIP OPTIONS over UDP from the client host; the source the SIP server saw."""
@@ -532,6 +544,181 @@ def sip_udp(demo: Demo) -> list[Row]:
     return rows
 
 
+# -- TLS at the edge -----------------------------------------------------------------------------------
+# Certificates come from a CA the demo makes for the run (DemoPki). As root the client's connection
+# goes through HAProxy, which sends PROXY v2; on loopback the client writes that header itself.
+def _edge(demo: Demo, port: int) -> tuple[str, str, list[tuple[list[str], str, str]], str]:
+    """(where the client connects, whom its own PROXY header names, HAProxy's frontends, the path's start)."""
+    if demo.network.netns:
+        lb = [([f"{LB}:{port}"], f"{INGRESS}:{port}", "send-proxy-v2")]
+        return f"{LB}:{port}", "", lb, "client -> HAProxy (v2)"
+    return f"{INGRESS}:{port}", CLIENT, [], "client (PROXY v2 header)"
+
+
+def _ingress_as_peer(demo: Demo) -> str:
+    """The source address of the ingress Envoy's upstream connections, as a backend sees it."""
+    return INGRESS if demo.network.netns else "127.0.0.1"
+
+
+HTTPS_NAMES = ("www.demo.test", "api.demo.test")
+GET_CLOSE = "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+
+
+def _https_xff_client(demo: Demo, served: TlsReply, trusted: int) -> str:
+    """The client the HTTP backend read from X-Forwarded-For, in a reply that came over TLS."""
+    head, _, body = served.reply.partition("\n\n")
+    if served.error or not head.startswith("HTTP/1.1 200"):
+        return served.error or head.split("\n")[0]
+    entries = [e.strip() for e in json.loads(body)["headers"].get("x-forwarded-for", "").split(",") if e.strip()]
+    return demo.untranslate(entries[-1 - trusted]) if len(entries) > trusted else "no X-Forwarded-For"
+
+
+def https_edge(demo: Demo) -> list[Row]:
+    name = "8 HTTPS at the edge"
+    pki = DemoPki(demo.workdir / "pki-https")
+    certificates = "".join(f"            - {{cert: {cert}, key: {key}, server_names: [{sni}]}}\n"
+                           for sni in HTTPS_NAMES for cert, key in [pki.issue(sni)])
+    text = _edit(example("external-http.yaml"), ("address: 198.18.2.2:8000", "address: 198.18.2.2:8443"),
+                 ("        protocol: http\n        accept_proxy_protocol",
+                  f"        protocol: http\n        tls:\n          certificates:\n{certificates}"
+                  "        accept_proxy_protocol"))
+    backends = [("svc-b", "http", "127.0.0.1:8080")]
+    address, header_for, lb, start = _edge(demo, 8443)
+    rows = []
+    with demo.deploy("https-edge", text, backends, haproxy=lb) as deployment:
+        served = demo.tls(address, HTTPS_NAMES[0], pki.ca, GET_CLOSE.format(host=HTTPS_NAMES[0]), header_for)
+        rows.append(Row(name, f"{start} -> ingress (TLS ends) -> svc-b -> backend (XFF)",
+                        _https_xff_client(demo, served, trusted=1), CLIENT))
+        for sni in HTTPS_NAMES:
+            rows.append(Row(name, f"  SNI {sni}: its certificate, verified against the demo CA",
+                            demo.tls(address, sni, pki.ca, proxy_header_for=header_for).certificate, f"CN={sni}"))
+        rows.append(demo.access_log_row(name, deployment, {CLIENT}))
+        rows.append(Row(name, "  no PROXY header to a listener that requires one: no TLS handshake",
+                        demo.tls(f"{INGRESS}:8443", HTTPS_NAMES[0], pki.ca).certificate, REFUSED))
+    if demo.network.netns:
+        without = _edit(text, ("        accept_proxy_protocol: {versions: [v1, v2]}\n", ""))
+        with demo.deploy("https-edge-without", without, backends, haproxy=[([f"{LB}:8443"], f"{INGRESS}:8443", "")]):
+            served = demo.tls(f"{LB}:8443", HTTPS_NAMES[0], pki.ca, GET_CLOSE.format(host=HTTPS_NAMES[0]))
+            rows.append(Row(name, "  negative: HAProxy without PROXY protocol -> HAProxy's address",
+                            _https_xff_client(demo, served, trusted=1), LB))
+    return rows
+
+
+# Scenario 9: one tcp listener, two TLS backends picked by the name in the ClientHello. Envoy never
+# decrypts, so X-Forwarded-For cannot exist; the PROXY header it sends each backend carries the client.
+SNI_PASSTHROUGH = """apiVersion: keepsrc/v1
+services:
+  shop-a: {endpoints: ["198.18.4.2:9443"], send_proxy_protocol: v2}
+  shop-b: {endpoints: ["198.18.4.2:9444"], send_proxy_protocol: v2}
+proxies:
+  ingress:
+    listeners:
+      - name: passthrough
+        address: 198.18.2.2:8443
+        access_log: stdout
+        protocol: tcp
+        accept_proxy_protocol: {versions: [v2]}
+        sni_routes:
+          - {server_names: [a.demo.test], service: shop-a}
+          - {server_names: [b.demo.test], service: shop-b}
+"""
+SHOPS = {"a.demo.test": f"{SVC_B}:9443", "b.demo.test": f"{SVC_B}:9444"}
+
+
+def _passthrough_client(demo: Demo, served: TlsReply, backend: str) -> str:
+    """The client the TLS backend at `backend` reported ('backend:tls@ADDRESS client:IP sni:NAME ...')."""
+    fields = served.reply.split()
+    if served.error or len(fields) < 2:
+        return served.error or "no reply"
+    if fields[0] != f"backend:tls@{demo.network.translate(backend)}":
+        return f"answered by {demo.untranslate(fields[0].removeprefix('backend:tls@'))}"
+    return demo.untranslate(fields[1].removeprefix("client:"))
+
+
+def sni_passthrough(demo: Demo) -> list[Row]:
+    name = "9 SNI passthrough"
+    pki = DemoPki(demo.workdir / "pki-passthrough")
+    backends = [("svc-b", "tls", backend, "--cert", str(cert), "--key", str(key))
+                for sni, backend in SHOPS.items() for cert, key in [pki.issue(sni)]]
+    address, header_for, lb, start = _edge(demo, 8443)
+    rows = []
+    with demo.deploy("sni-passthrough", SNI_PASSTHROUGH, backends, haproxy=lb) as deployment:
+        for sni, backend in SHOPS.items():
+            served = demo.tls(address, sni, pki.ca, "hello\n", header_for)
+            rows.append(Row(name, f"{start} -> ingress (SNI, v2) -> TLS backend {sni}",
+                            _passthrough_client(demo, served, backend), CLIENT))
+            rows.append(Row(name, "  ... served that backend's own certificate: Envoy did not decrypt",
+                            served.certificate, f"CN={sni}"))
+        rows.append(demo.access_log_row(name, deployment, {CLIENT}))
+    plain_b = _edit(SNI_PASSTHROUGH, ('"198.18.4.2:9444"], send_proxy_protocol: v2}', '"198.18.4.2:9444"]}'))
+    with demo.deploy("sni-passthrough-without", plain_b, backends, haproxy=lb):
+        served = demo.tls(address, "b.demo.test", pki.ca, "hello\n", header_for)
+        rows.append(Row(name, "  negative: no send_proxy_protocol to b.demo.test -> the ingress",
+                        _passthrough_client(demo, served, SHOPS["b.demo.test"]), _ingress_as_peer(demo)))
+    return rows
+
+
+# Scenario 10: Envoy to a TLS upstream that requires PROXY protocol (nginx `listen ... ssl proxy_protocol`):
+# the PROXY header goes first, in the clear, then the handshake.
+TLS_UPSTREAM = """apiVersion: keepsrc/v1
+services:
+  secure-app:
+    endpoints: ["198.18.4.2:8443"]
+    send_proxy_protocol: v2
+    tls: {{ca: {ca}, sni: app.demo.test}}
+proxies:
+  ingress:
+    listeners:
+      - name: public-http
+        address: 198.18.2.2:8000
+        access_log: stdout
+        protocol: http
+        accept_proxy_protocol: {{versions: [v2]}}
+        xff: {{use_remote_address: true, trusted_hops: 0}}
+        routes: [{{prefix: /, service: secure-app}}]
+"""
+
+
+def tls_upstream(demo: Demo) -> list[Row]:
+    name = "10 TLS upstream"
+    pki = DemoPki(demo.workdir / "pki-upstream")
+    cert, key = pki.issue("app.demo.test")
+    text = TLS_UPSTREAM.format(ca=pki.ca)
+    address, header_for, lb, start = _edge(demo, 8000)
+    request = GET_CLOSE.format(host="app.demo.test")
+    rows = []
+    with demo.deploy("tls-upstream", text, haproxy=lb) as deployment:
+        logs = demo.start_nginx(deployment, demo.network.translate(f"{SVC_B}:8443"), NGINX_TLS_CONF,
+                                cert=str(cert), key=str(key))
+        reply = demo.tcp(address, request, proxy_header_for=header_for)
+        answer = reply.partition("\n\n")[2].split() if reply.startswith("HTTP/1.1 200") else [reply.split("\n")[0]]
+        rows.append(Row(name, f"{start} -> ingress -> nginx (ssl proxy_protocol)",
+                        demo.untranslate(answer[0]), CLIENT))
+        # TLS 1.2: Envoy's highest version upstream unless told otherwise.
+        rows.append(Row(name, "  the hop is TLS: nginx's $ssl_protocol (Envoy verified app.demo.test)",
+                        answer[-1], "TLSv1.2"))
+        access_log = logs / "nginx-pp.log"
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: access_log.exists() and access_log.read_text().strip(), 5, "nginx's access log")
+        logged = access_log.read_text().split()[:2] if access_log.exists() else []
+        rows.append(Row(name, "  nginx's access log: $proxy_protocol_addr $remote_addr (the ingress)",
+                        " ".join(demo.untranslate(a) for a in logged) or "nothing logged",
+                        f"{CLIENT} {_ingress_as_peer(demo)}"))
+    without = _edit(text, ("    send_proxy_protocol: v2\n", ""))
+    with demo.deploy("tls-upstream-without", without, haproxy=lb) as deployment:
+        logs = demo.start_nginx(deployment, demo.network.translate(f"{SVC_B}:8443"), NGINX_TLS_CONF,
+                                cert=str(cert), key=str(key))
+        status = demo.tcp(address, request, proxy_header_for=header_for).split("\n")[0]
+        error_log = logs / "nginx-error.log"
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: "broken header" in error_log.read_text(errors="replace"), 5, "nginx's error log")
+        verdict = "broken header" if "broken header" in error_log.read_text(errors="replace") else "none"
+        code = status.split()[1] if status.startswith("HTTP/1.1 ") else status
+        rows.append(Row(name, "  negative: no send_proxy_protocol: client's status / nginx error log",
+                        f"{code} / {verdict}", "503 / broken header"))
+    return rows
+
+
 @contextlib.contextmanager
 def _concurrently() -> Iterator[Callable[[Callable[[], str]], Callable[[], str]]]:
     """Start calls in threads; each returns a getter for its result, valid after the block."""
@@ -582,6 +769,7 @@ class Scenario:
     needs: tuple[str, ...] = ()  # binaries
     loopback: Callable[[Demo], list[Row]] | None = None  # what runs without namespaces, if anything
     why_netns: str = ""  # why it needs namespaces, when it has no loopback version
+    loopback_needs: tuple[str, ...] = ()  # binaries the loopback version needs
 
 
 SCENARIOS = (
@@ -598,4 +786,12 @@ SCENARIOS = (
              why_netns="needs several client addresses behind HAProxy: network namespaces (run as root)"),
     Scenario("7 UDP (SIP)", sip_udp, needs=("iptables",),
              why_netns="original_src needs root: network namespaces, CAP_NET_ADMIN and iptables"),
+    # On loopback these run without HAProxy: the client writes the PROXY v2 header itself, and 8 leaves
+    # out its HAProxy-without-PROXY negative (its "no PROXY header" row stays).
+    Scenario("8 HTTPS at the edge", https_edge, needs=("haproxy",), loopback=https_edge),
+    Scenario("9 SNI passthrough", sni_passthrough, needs=("haproxy",), loopback=sni_passthrough),
+    Scenario("10 TLS upstream", tls_upstream, needs=("haproxy", "nginx"), loopback=tls_upstream,
+             loopback_needs=("nginx",)),
+    # Replicas share one etcd on loopback in both modes: the rows are about failover, not addresses.
+    Scenario("11 replicas on etcd", replicas, needs=("etcd",), loopback=replicas, loopback_needs=("etcd",)),
 )
