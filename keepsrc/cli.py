@@ -1,4 +1,4 @@
-"""`keepsrc` command line: validate | render | explain | bootstrap | netplan | serve | push | status | demo."""
+"""`keepsrc` command line: validate | render | explain | bootstrap | certs | netplan | serve | push | status | demo."""
 
 from __future__ import annotations
 
@@ -9,16 +9,18 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
+from keepsrc.certs import DEFAULT_SERVER_NAMES, write_pki
 from keepsrc.demo.cli import add_demo_arguments, run_demo
 from keepsrc.explain import explain, render_text
 from keepsrc.explain import to_json as explain_json
 from keepsrc.netplan.cli import add_netplan_arguments, run_netplan
+from keepsrc.server.auth import DEFAULT_TRUST_DOMAIN
 from keepsrc.server.cli import add_serve_arguments, add_store_arguments, run_serve, store_from_args
 from keepsrc.server.status import add_status_arguments, run_status
-from keepsrc.snapshots.bootstrap import XdsApi, XdsTransport, static_bootstrap, xds_bootstrap
+from keepsrc.snapshots.bootstrap import XdsApi, XdsTls, XdsTransport, static_bootstrap, xds_bootstrap
 from keepsrc.snapshots.builder import build_snapshot
 from keepsrc.snapshots.render import dump, snapshot_dict, to_dict
-from keepsrc.snapshots.tls import write_secret_files
+from keepsrc.snapshots.tls import write_secret_file, write_secret_files
 from keepsrc.store import ConflictError, Store, StoreError
 from keepsrc.topology.diagnostics import Severity
 from keepsrc.topology.loader import check_topology
@@ -140,10 +142,31 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         print("keepsrc bootstrap: a unix socket is one server; replicas are HOST:PORT addresses", file=sys.stderr)
         return 2
     xds = targets[0] if len(targets) == 1 else addresses
+    tls = None
+    if any((args.tls_ca, args.tls_cert, args.tls_key)):
+        if not all((args.tls_ca, args.tls_cert, args.tls_key)):
+            args.parser.error("--tls-ca, --tls-cert and --tls-key go together (mutual TLS)")
+        tls = XdsTls(str(Path(args.tls_ca).resolve()), str(Path(args.tls_cert).resolve()),
+                     str(Path(args.tls_key).resolve()), args.tls_server_name)
+        write_secret_file(tls.certificate())  # what the bootstrap's SDS config points at
     bootstrap = xds_bootstrap(
-        args.node, xds, args.admin, XdsApi(args.api), XdsTransport(args.transport), args.cluster, args.replicas
+        args.node, xds, args.admin, XdsApi(args.api), XdsTransport(args.transport), args.cluster, args.replicas, tls
     )
     sys.stdout.write(dump(to_dict(bootstrap), args.format))
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    proxies = list(args.proxy)
+    if args.topology is not None:
+        topology = _load(args.topology, quiet_warnings=True)
+        if topology is None:
+            return 1
+        proxies += list(topology.proxies)
+    written = write_pki(args.directory, proxies, args.trust_domain, args.server_name or DEFAULT_SERVER_NAMES,
+                        args.days)
+    for path in written:
+        print(path)
     return 0
 
 
@@ -227,7 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--transport", choices=[t.value for t in XdsTransport], default=XdsTransport.ADS.value,
                            help="one aggregated stream (ads, default) or one stream per type")
     bootstrap.add_argument("--format", choices=["yaml", "json"], default="yaml")
-    bootstrap.set_defaults(run=cmd_bootstrap)
+    tls = bootstrap.add_argument_group("mutual TLS to keepsrc (serve --client-ca)")
+    tls.add_argument("--tls-ca", metavar="PEM", help="CA keepsrc's certificate must chain to")
+    tls.add_argument("--tls-cert", metavar="PEM", help="the Envoy's certificate (keepsrc certs: proxies/NODE.pem); "
+                     "read through a file-based SDS secret written beside it, so a renewal needs no restart")
+    tls.add_argument("--tls-key", metavar="PEM", help="its private key")
+    tls.add_argument("--tls-server-name", metavar="NAME", help="the name keepsrc's certificate must carry (SNI)")
+    bootstrap.set_defaults(run=cmd_bootstrap, parser=bootstrap)
+
+    certs = commands.add_parser("certs", help="a development CA and certificates for mutual TLS between keepsrc "
+                                "and its Envoys (SPIFFE IDs per proxy entry)")
+    certs.add_argument("directory", type=Path)
+    certs.add_argument("topology", type=Path, nargs="?", help="a certificate for each of its proxy entries")
+    certs.add_argument("--proxy", action="append", default=[], metavar="NAME", help="a certificate for this entry")
+    certs.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="(default: %(default)s)")
+    certs.add_argument("--server-name", action="append", metavar="NAME",
+                       help="a DNS name or IP address keepsrc is reached at (default: localhost, 127.0.0.1, ::1)")
+    certs.add_argument("--days", type=int, default=30, help="validity of the leaf certificates (default: 30)")
+    certs.set_defaults(run=cmd_certs)
 
     netplan = commands.add_parser("netplan", help="the host iptables/ip-rule plan original_src needs; --apply/--remove")
     add_netplan_arguments(netplan)

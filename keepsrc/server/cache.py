@@ -268,7 +268,8 @@ class SnapshotCache:
                     self._history.pop(key, None)
                     changed.append(key)
             # Content-addressed versions: an identical rebuild keeps the old Entry and its encodings.
-            elif old is None or old.snapshot.version_info != snapshot.version_info:
+            elif old is None or (old.snapshot.version_info, old.snapshot.identities) != (
+                    snapshot.version_info, snapshot.identities):
                 self._entries[key] = Entry(key, snapshot)
                 if old is not None:
                     old.retire()

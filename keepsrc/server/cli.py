@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 from pathlib import Path
 
 from keepsrc.server import logs, metrics
+from keepsrc.server.auth import DEFAULT_TRUST_DOMAIN, Authorizer, ServerTls
 from keepsrc.server.cache import SnapshotCache
 from keepsrc.server.reload import TopologySource
 from keepsrc.server.service import start
@@ -65,7 +67,46 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="json: one object per line; ACK/NACK lines carry node, type, version and nonce")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: none)")
+    tls = parser.add_argument_group("mutual TLS and authorization (keepsrc certs makes development files)")
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="the server's certificate; re-read when it changes")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
+    tls.add_argument("--client-ca", type=Path, metavar="PEM",
+                     help="CA an Envoy's certificate must chain to; each Envoy is served only the proxy entry its "
+                     "SPIFFE ID names: spiffe://TRUST-DOMAIN/keepsrc/ENTRY, or one of the entry's `identities`")
+    tls.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="(default: %(default)s)")
+    tls.add_argument("--admin-identity", action="append", default=[], metavar="SPIFFE-ID",
+                     help="may read every node's status (CSDS); spiffe://TRUST-DOMAIN/keepsrc-admin always may")
+    tls.add_argument("--insecure", action="store_true",
+                     help="serve plaintext on an address other than loopback: anyone who reaches it gets every "
+                     "proxy's config")
+    parser.add_argument("--unix-mode", type=lambda text: int(text, 8), default=0o660, metavar="OCTAL",
+                        help="permissions of a unix:/path socket (default: 0660)")
+    parser.add_argument("--unix-group", metavar="GROUP", help="group of a unix:/path socket")
     parser.set_defaults(parser=parser)
+
+
+def _security(args: argparse.Namespace) -> tuple[ServerTls | None, Authorizer | None]:
+    """TLS and authorization from the flags; a usage error for plaintext beyond loopback without --insecure."""
+    files = (args.tls_cert, args.tls_key, args.client_ca)
+    if any(f is not None for f in files) and not all(f is not None for f in files):
+        args.parser.error("--tls-cert, --tls-key and --client-ca go together (mutual TLS)")
+    if args.tls_cert is None:
+        if not _local(args.listen) and not args.insecure:
+            args.parser.error(f"{args.listen} is reachable from the network: serve it with --tls-cert, --tls-key "
+                              "and --client-ca, or say --insecure")
+        return None, None
+    return (ServerTls(args.tls_cert, args.tls_key, args.client_ca),
+            Authorizer(args.trust_domain, frozenset(args.admin_identity)))
+
+
+def _local(listen: str) -> bool:
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -91,9 +132,13 @@ async def _serve(args: argparse.Namespace, store: Store) -> int:
     # unreachable), says NOT_SERVING and refuses streams until it has a topology, and keeps trying.
     if isinstance(store, LocalStore) and not source.load():
         return 2
+    tls, authorizer = _security(args)
+    if tls is None and not _local(args.listen):
+        log.warning("serving PLAINTEXT on %s (--insecure): anyone who can reach it is served every proxy's "
+                    "config; use --tls-cert/--tls-key/--client-ca", args.listen)
     try:
-        server = await start(cache, args.listen)
-    except OSError as exc:
+        server = await start(cache, args.listen, tls, authorizer, args.unix_mode, args.unix_group)
+    except (OSError, LookupError) as exc:
         log.error("%s", exc)
         return 1
     if not isinstance(store, LocalStore):

@@ -12,6 +12,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.status.v3 import csds_pb2
 from google.protobuf import timestamp_pb2
 
+from keepsrc.server import metrics
+from keepsrc.server.auth import Authorizer, admin_identity, peer_identity
 from keepsrc.server.cache import SnapshotCache
 from keepsrc.snapshots.snapshot import TYPE_ORDER
 
@@ -46,9 +48,15 @@ def client_status(cache: SnapshotCache) -> csds_pb2.ClientStatusResponse:
     return response
 
 
-def handler(cache: SnapshotCache) -> grpc.GenericRpcHandler:
+def handler(cache: SnapshotCache, authorizer: Authorizer | None = None) -> grpc.GenericRpcHandler:
+    """CSDS lists every node and its NACK texts: with an `authorizer` (TLS), for admins only."""
     async def fetch(_request: csds_pb2.ClientStatusRequest,
                     context: grpc.aio.ServicerContext) -> csds_pb2.ClientStatusResponse:
+        if authorizer is not None and not authorizer.is_admin(identity := peer_identity(context)):
+            metrics.XDS_DENIED.inc()
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"the status of every node is for {admin_identity(authorizer.trust_domain)} only; "
+                                f"this certificate is {identity or '(no single SPIFFE ID)'}")
         if cache.revision is not None:
             # Which store revision this replica serves: CSDS has no field for the server's side.
             await context.send_initial_metadata(((REVISION_METADATA, str(cache.revision)),))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 from collections.abc import Coroutine
 
 import grpc
@@ -16,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from keepsrc.server import csds
+from keepsrc.server.auth import Authorizer, ServerTls
 from keepsrc.server.cache import SnapshotCache
 from keepsrc.server.delta import DeltaStream
 from keepsrc.server.sotw import SotwStream
@@ -35,27 +38,29 @@ PER_TYPE_SERVICES = {
 
 
 def _handler(cache: SnapshotCache, stream_class: type[Stream], type_urls: tuple[str, ...],
-             request_class: type[DiscoveryRequest] | type[DeltaDiscoveryRequest]) -> grpc.RpcMethodHandler:
+             request_class: type[DiscoveryRequest] | type[DeltaDiscoveryRequest],
+             authorizer: Authorizer | None) -> grpc.RpcMethodHandler:
     async def behavior(_requests: object, context: grpc.aio.ServicerContext) -> None:
-        await stream_class(cache, context, type_urls).run()
+        await stream_class(cache, context, type_urls, authorizer).run()
 
     return grpc.stream_stream_rpc_method_handler(
         behavior, request_deserializer=request_class.FromString, response_serializer=bytes
     )
 
 
-def generic_handlers(cache: SnapshotCache) -> list[grpc.GenericRpcHandler]:
+def generic_handlers(cache: SnapshotCache, authorizer: Authorizer | None = None) -> list[grpc.GenericRpcHandler]:
+    """`authorizer` (with TLS): each stream is served only the proxy entry its certificate names."""
     handlers = [
-        csds.handler(cache),
+        csds.handler(cache, authorizer),
         grpc.method_handlers_generic_handler(ADS_SERVICE, {
-            "StreamAggregatedResources": _handler(cache, SotwStream, ALL_TYPES, DiscoveryRequest),
-            "DeltaAggregatedResources": _handler(cache, DeltaStream, ALL_TYPES, DeltaDiscoveryRequest),
+            "StreamAggregatedResources": _handler(cache, SotwStream, ALL_TYPES, DiscoveryRequest, authorizer),
+            "DeltaAggregatedResources": _handler(cache, DeltaStream, ALL_TYPES, DeltaDiscoveryRequest, authorizer),
         })
     ]
     for service, (type_url, sotw, delta) in PER_TYPE_SERVICES.items():
         handlers.append(grpc.method_handlers_generic_handler(service, {
-            sotw: _handler(cache, SotwStream, (type_url,), DiscoveryRequest),
-            delta: _handler(cache, DeltaStream, (type_url,), DeltaDiscoveryRequest),
+            sotw: _handler(cache, SotwStream, (type_url,), DiscoveryRequest, authorizer),
+            delta: _handler(cache, DeltaStream, (type_url,), DeltaDiscoveryRequest, authorizer),
         }))
     return handlers
 
@@ -75,8 +80,14 @@ class XdsServer:
         await self.server.wait_for_termination()
 
 
-async def start(cache: SnapshotCache, address: str) -> XdsServer:
-    """Start serving `cache` on `address` ('host:port'); raises OSError if it cannot bind.
+async def start(cache: SnapshotCache, address: str, tls: ServerTls | None = None,
+                authorizer: Authorizer | None = None, unix_mode: int = 0o660,
+                unix_group: str | None = None) -> XdsServer:
+    """Start serving `cache` on `address` ('host:port' or 'unix:/path'); raises OSError if it cannot bind.
+
+    With `tls`, clients must present a certificate from its CA, and each is served only the proxy
+    entry its identity names (`authorizer`, default trust domain unless given); CSDS only to an
+    admin identity. A unix socket gets `unix_mode` (and `unix_group`), not what the umask leaves.
 
     Until `cache` has its first snapshots, gRPC health (service "" and the ADS service) says
     NOT_SERVING and xDS streams are refused with UNAVAILABLE, so an Envoy retries (or goes to
@@ -97,18 +108,31 @@ async def start(cache: SnapshotCache, address: str) -> XdsServer:
         ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
         ("grpc.max_connection_age_grace_ms", 30_000),
     ])
-    server.add_generic_rpc_handlers(generic_handlers(cache))
+    if tls is not None and authorizer is None:
+        authorizer = Authorizer()
+    server.add_generic_rpc_handlers(generic_handlers(cache, authorizer))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     cache.on_loaded(lambda: _background(_set_health(health, health_pb2.HealthCheckResponse.SERVING)))
+    socket_path = address[len("unix:"):] if address.startswith("unix:") else None
+    # The socket is created with the process umask; tighten it for the instant until chmod.
+    umask = os.umask(0o177) if socket_path else None
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+        await server.start()
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from exc
-    await server.start()
-    shown = address if address.startswith("unix:") else f"{address.rsplit(':', 1)[0]}:{port}"
-    log.info("xDS server listening on %s (ADS and per-type, SotW and delta)", shown)
+    finally:
+        if umask is not None:
+            os.umask(umask)
+    if socket_path:
+        os.chmod(socket_path, unix_mode)
+        if unix_group is not None:
+            shutil.chown(socket_path, group=unix_group)
+    shown = address if socket_path else f"{address.rsplit(':', 1)[0]}:{port}"
+    security = "mutual TLS, clients authorized by SPIFFE ID" if tls else "plaintext"
+    log.info("xDS server listening on %s (ADS and per-type, SotW and delta; %s)", shown, security)
     return XdsServer(server, port)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,6 +23,11 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a keepsrc server, HOST:PORT or unix:/path (default: 127.0.0.1:18000); replicas: "
                         "--xds A --xds B, or A,B")
     parser.add_argument("--format", choices=["text", "json"], default="text")
+    tls = parser.add_argument_group("a server with mutual TLS (serve --client-ca): an admin certificate")
+    tls.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA the server's certificate must chain to")
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="admin certificate (keepsrc certs: admin.pem)")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
+    tls.add_argument("--tls-server-name", metavar="NAME", help="the name the server's certificate must carry")
 
 
 @dataclass(frozen=True)
@@ -31,8 +37,15 @@ class ReplicaStatus:
     revision: int | None  # the store revision it serves; None: a file, or not a replica
 
 
-def fetch_replica(target: str, timeout: float = 5.0) -> ReplicaStatus:
-    with grpc.insecure_channel(target) as channel:
+def client_credentials(ca: Path, cert: Path, key: Path) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+
+
+def fetch_replica(target: str, timeout: float = 5.0, credentials: grpc.ChannelCredentials | None = None,
+                  server_name: str | None = None) -> ReplicaStatus:
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    channel = grpc.secure_channel(target, credentials, options) if credentials else grpc.insecure_channel(target)
+    with channel:
         call = channel.unary_unary(
             f"/{SERVICE}/FetchClientStatus",
             request_serializer=csds_pb2.ClientStatusRequest.SerializeToString,
@@ -72,9 +85,15 @@ def run_status(args: argparse.Namespace) -> int:
     targets = [t.strip() for group in args.xds or ["127.0.0.1:18000"] for t in group.split(",") if t.strip()]
     replicas: list[ReplicaStatus] = []
     unreachable = False
+    credentials = None
+    if args.tls_cert is not None:
+        if args.tls_ca is None or args.tls_key is None:
+            print("keepsrc status: --tls-cert needs --tls-key and --tls-ca", file=sys.stderr)
+            return 2
+        credentials = client_credentials(args.tls_ca, args.tls_cert, args.tls_key)
     for target in targets:
         try:
-            replicas.append(fetch_replica(target))
+            replicas.append(fetch_replica(target, credentials=credentials, server_name=args.tls_server_name))
         except grpc.RpcError as exc:
             print(f"keepsrc status: cannot reach a keepsrc server at {target}: {exc.details()}", file=sys.stderr)
             unreachable = True

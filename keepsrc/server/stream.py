@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from keepsrc.server import metrics
+from keepsrc.server.auth import Authorizer, peer_identity, proxy_identity
 from keepsrc.server.cache import Entry, Nack, NodeStatus, SnapshotCache
 from keepsrc.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SHORT_NAMES
 
@@ -77,17 +78,22 @@ class Stream:
     """One xDS stream (ADS or a single type). Subclasses implement on_request, plan and send."""
 
     # Thousands of these live for as long as their Envoys are connected.
-    __slots__ = ("_converging", "_dirty", "_keys", "_lock", "_pusher", "_trigger", "_unknown_types", "cache",
-                 "context", "entry", "node_cluster", "node_id", "refresh", "status", "subscriptions", "type_urls",
-                 "variant")
+    __slots__ = ("_converging", "_denied", "_dirty", "_keys", "_lock", "_pusher", "_runner", "_trigger",
+                 "_unknown_types", "authorizer", "cache", "context", "entry", "identity", "node_cluster", "node_id",
+                 "refresh", "status", "subscriptions", "type_urls", "variant")
 
     variant_name = ""  # per-type streams of this protocol: which resource variant they get
 
     def __init__(
-        self, cache: SnapshotCache, context: grpc.aio.ServicerContext, type_urls: tuple[str, ...]
+        self, cache: SnapshotCache, context: grpc.aio.ServicerContext, type_urls: tuple[str, ...],
+        authorizer: Authorizer | None = None,
     ) -> None:
         self.cache = cache
         self.context = context
+        self.authorizer = authorizer  # None: plaintext, every client is served the entry it names
+        self.identity: str | None = None  # the client certificate's SPIFFE ID, with an authorizer
+        self._denied: str | None = None
+        self._runner: asyncio.Task[Any] | None = None
         self.type_urls = type_urls  # the types this service may carry
         # ADS streams get the snapshot as built; per-type ones the variant without ADS config sources.
         self.variant = "" if len(type_urls) > 1 else self.variant_name
@@ -108,6 +114,7 @@ class Stream:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self) -> None:
+        self._runner = asyncio.current_task()
         try:
             while True:
                 request = await self.context.read()
@@ -125,6 +132,10 @@ class Stream:
         except StreamError as exc:
             log.warning("node %s: %s; closing the stream", self.node_id or "?", exc)
             await self.context.abort(exc.code, str(exc))
+        except asyncio.CancelledError:
+            if self._denied is None:
+                raise
+            await self.context.abort(grpc.StatusCode.PERMISSION_DENIED, self._denied)
         finally:
             if self._pusher is not None:
                 self._pusher.cancel()
@@ -167,8 +178,27 @@ class Stream:
         metrics.XDS_CONNECTED.labels(self.variant_name).inc()
         self._keys = tuple(k for k in dict.fromkeys((node.id, node.cluster)) if k)
         self.cache.watch(self, self._keys)
+        if self.authorizer is not None:
+            self.identity = peer_identity(self.context)
         self.entry = self.cache.resolve(node.id, node.cluster)
+        denied = self._denial()
+        if denied is not None:
+            raise StreamError(denied, grpc.StatusCode.PERMISSION_DENIED)
         self._log_entry(None)
+
+    def _denial(self) -> str | None:
+        """Why this client may not have the entry its node resolves to; None if it may (or no entry yet)."""
+        if self.authorizer is None or self.entry is None:
+            return None
+        entry = self.entry
+        if self.authorizer.may_have(self.identity, entry.key, entry.snapshot.identities):
+            return None
+        metrics.XDS_DENIED.inc()
+        self.entry = None  # not a byte of it goes out
+        return (f"certificate identity {self.identity or '(none, or more than one SPIFFE ID)'} may not be served "
+                f"proxy entry {entry.key!r} (node.id {self.node_id!r}, node.cluster {self.node_cluster!r}); "
+                f"it may be served to {proxy_identity(self.authorizer.trust_domain, entry.key)} and the entry's "
+                "`identities`")
 
     def _log_entry(self, previous: Entry | None) -> None:
         assert self.status is not None
@@ -202,6 +232,13 @@ class Stream:
                 async with self._lock:
                     previous = self.entry
                     self.entry = self.cache.resolve(self.node_id, self.node_cluster)
+                    denied = self._denial()
+                    if denied is not None:
+                        log.warning("node %s: %s; closing the stream", self.node_id, denied)
+                        self._denied = denied
+                        if self._runner is not None:
+                            self._runner.cancel()
+                        return
                     if self.entry is not previous:
                         self._log_entry(previous)
                         if self.entry is not None and previous is not None:

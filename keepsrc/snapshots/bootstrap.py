@@ -7,16 +7,20 @@ start-up failure) and converted to plain dicts for YAML output.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import PurePosixPath
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import string_pb2
 
 from keepsrc.snapshots.builder import cluster_resource, listener_resource, pack, socket_address, sticky_services
-from keepsrc.topology.model import Service, SocketAddress, Topology
+from keepsrc.snapshots.tls import TLS_TRANSPORT_SOCKET, sds_certificate
+from keepsrc.topology.model import Certificate, Service, SocketAddress, Topology
 
 XDS_CLUSTER = "keepsrc_xds"
 # Towards replicas: Envoy's xDS reconnect backoff is 500 ms base, 30 s cap; after a replica dies
@@ -42,7 +46,37 @@ class XdsTransport(StrEnum):
 XdsTarget = SocketAddress | PurePosixPath | Sequence[SocketAddress]
 
 
-def _xds_cluster(xds: PurePosixPath | tuple[SocketAddress, ...], replicas: bool) -> cluster_pb2.Cluster:
+@dataclass(frozen=True)
+class XdsTls:
+    """Mutual TLS to keepsrc: the CA keepsrc's certificate must chain to (and the name it must carry),
+    and the Envoy's own certificate and key, read through a file-based SDS secret so a renewed
+    certificate is used on the next connection without a restart (as Envoy Gateway does)."""
+
+    ca: str
+    cert: str
+    key: str
+    server_name: str | None = None
+
+    def certificate(self) -> Certificate:
+        return Certificate(self.cert, self.key)
+
+
+def _xds_tls_socket(tls: XdsTls) -> base_pb2.TransportSocket:
+    validation = common_pb2.CertificateValidationContext(trusted_ca=base_pb2.DataSource(filename=tls.ca))
+    if tls.server_name:
+        validation.match_typed_subject_alt_names.append(common_pb2.SubjectAltNameMatcher(
+            san_type=common_pb2.SubjectAltNameMatcher.DNS, matcher=string_pb2.StringMatcher(exact=tls.server_name)))
+    context = tls_pb2.UpstreamTlsContext(
+        common_tls_context=tls_pb2.CommonTlsContext(
+            validation_context=validation, alpn_protocols=["h2"],
+            tls_certificate_sds_secret_configs=[sds_certificate(tls.certificate())]),
+        sni=tls.server_name or "",
+    )
+    return base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=pack(context))
+
+
+def _xds_cluster(xds: PurePosixPath | tuple[SocketAddress, ...], replicas: bool,
+                 tls: XdsTls | None = None) -> cluster_pb2.Cluster:
     options = protocol_pb2.Http2ProtocolOptions()
     if replicas:
         options.connection_keepalive.interval.FromSeconds(KEEPALIVE_INTERVAL_S)
@@ -67,6 +101,8 @@ def _xds_cluster(xds: PurePosixPath | tuple[SocketAddress, ...], replicas: bool)
     cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(
         pack(http2)
     )
+    if tls is not None:
+        cluster.transport_socket.CopyFrom(_xds_tls_socket(tls))
     return cluster
 
 
@@ -82,14 +118,16 @@ def xds_bootstrap(
     transport: XdsTransport = XdsTransport.ADS,
     node_cluster: str | None = None,
     replicas: bool = False,
+    tls: XdsTls | None = None,
 ) -> bootstrap_pb2.Bootstrap:
     """A bootstrap whose listeners and clusters all come from the keepsrc server at `xds`: one
     address, or several replicas of one store. `replicas` (implied by several addresses; set it for
-    one DNS name of every replica) adds a short reconnect backoff and HTTP/2 keepalive."""
+    one DNS name of every replica) adds a short reconnect backoff and HTTP/2 keepalive; so does
+    `tls` (mutual TLS to keepsrc: a server beyond one host, where dead peers must be noticed)."""
     target = xds if isinstance(xds, PurePosixPath) else (xds,) if isinstance(xds, SocketAddress) else tuple(xds)
     if not target:
         raise ValueError("no xDS server address")
-    replicas = replicas or (isinstance(target, tuple) and len(target) > 1)
+    replicas = replicas or (isinstance(target, tuple) and len(target) > 1) or tls is not None
     grpc_service = grpc_service_pb2.GrpcService(envoy_grpc={"cluster_name": XDS_CLUSTER})
     if replicas:
         backoff = grpc_service.envoy_grpc.retry_policy.retry_back_off
@@ -111,7 +149,7 @@ def xds_bootstrap(
     return bootstrap_pb2.Bootstrap(
         node=base_pb2.Node(id=node_id, cluster=node_cluster or node_id),
         dynamic_resources=dynamic,
-        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[_xds_cluster(target, replicas)]),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[_xds_cluster(target, replicas, tls)]),
         admin=_admin(admin),
     )
 

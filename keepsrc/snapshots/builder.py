@@ -493,7 +493,7 @@ def build_snapshot(topology: Topology, proxy_name: str) -> Snapshot:
         resources.append(_cluster(service))
         if not service.uses_dns:
             resources.append(_endpoints(service))
-    return Snapshot.from_resources(resources)
+    return Snapshot.from_resources(resources, proxy.identities)
 
 
 def build_snapshots(topology: Topology) -> dict[str, Snapshot]:

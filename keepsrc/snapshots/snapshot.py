@@ -70,16 +70,22 @@ class Resource:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything one proxy entry (and every Envoy that maps to it) is served."""
+    """Everything one proxy entry (and every Envoy that maps to it) is served.
+
+    `identities`: SPIFFE IDs besides the entry's own that may be served it, when the server
+    authorizes clients by certificate (not part of any version: they decide who gets the
+    resources, not what the resources are)."""
 
     resources: Mapping[str, Mapping[str, Resource]] = field(default_factory=dict)
+    identities: frozenset[str] = frozenset()
 
     @classmethod
-    def from_resources(cls, resources: Iterable[Resource]) -> Snapshot:
+    def from_resources(cls, resources: Iterable[Resource], identities: Iterable[str] = ()) -> Snapshot:
         by_type: dict[str, dict[str, Resource]] = {t: {} for t in TYPE_ORDER}
         for resource in resources:
             by_type.setdefault(resource.type_url, {})[resource.name] = resource
-        return cls(MappingProxyType({t: MappingProxyType(dict(sorted(r.items()))) for t, r in by_type.items()}))
+        return cls(MappingProxyType({t: MappingProxyType(dict(sorted(r.items()))) for t, r in by_type.items()}),
+                   frozenset(identities))
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources.get(type_url, MappingProxyType({}))

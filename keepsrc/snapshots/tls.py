@@ -80,17 +80,28 @@ def write_secret_files(topology: Topology) -> list[str]:
     so the builders stay pure. Atomic (a rename in the same directory), so Envoy never reads half
     a file, and a reload that keeps a certificate does not touch its file.
     """
-    for name, text in secret_files(topology).items():
-        path = Path(name)
-        try:
-            if path.read_text(encoding="utf-8") == text:
-                continue
-        except OSError:
-            pass  # absent, or unreadable: write it
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    return sorted(secret_files(topology))
+    files = secret_files(topology)
+    for name, text in files.items():
+        _write_if_changed(Path(name), text)
+    return sorted(files)
+
+
+def write_secret_file(certificate: Certificate) -> str:
+    """`write_secret_files` for one certificate (an Envoy's own, in its bootstrap); its path."""
+    path = secret_path(certificate)
+    _write_if_changed(Path(path), secret_file(certificate))
+    return path
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except OSError:
+        pass  # absent, or unreadable: write it
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def sds_certificate(certificate: Certificate) -> secret_pb2.SdsSecretConfig:

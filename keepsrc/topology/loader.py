@@ -75,6 +75,8 @@ IPV4_RE = re.compile(rf"{_OCTET}(\.{_OCTET}){{3}}")  # dotted quad in canonical 
 # The common endpoint, a canonical ip:port with a port of 1-65535's digits, in one match; anything
 # else takes the general path, which says what is wrong. 50,000 endpoints make this count.
 IPV4_PORT_RE = re.compile(rf"(?P<host>{_OCTET}(\.{_OCTET}){{3}}):(?P<port>[1-9][0-9]{{0,4}})")
+# The SPIFFE ID grammar (spiffe.io, SPIFFE-ID.md): a lowercase trust domain and a non-empty path.
+SPIFFE_ID_RE = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+")
 INTERFACE_RE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")  # IFNAMSIZ is 16 including the NUL
 # Tables the kernel reserves (unspec, default, main, local): routing marked replies there breaks the host.
 RESERVED_TABLES = {0, 253, 254, 255}
@@ -272,7 +274,14 @@ class _Schema(Checker):
 
     # -- proxies and listeners ---------------------------------------------------------------
     def proxy(self, name: str, node: Node, path: str) -> Proxy:
-        keys = self.mapping(node, path, ["listeners"], {"listeners": "a list of listeners"}) or {}
+        keys = self.mapping(node, path, ["listeners", "identities"], {"listeners": "a list of listeners"}) or {}
+        identities: list[str] = []
+        if "identities" in keys:
+            items = self.sequence(keys["identities"][1], f"{path}.identities", "a list of SPIFFE IDs") or []
+            for i, item in enumerate(items):
+                identity = self.spiffe_id(item, f"{path}.identities[{i}]")
+                if identity is not None:
+                    identities.append(identity)
         listeners: list[Listener] = []
         # Envoy refuses a second listener with a name or an address already taken on the same node.
         names: dict[str, str] = {}
@@ -283,7 +292,18 @@ class _Schema(Checker):
                 listener = self.listener(item, f"{path}.listeners[{i}]", name, names, addresses)
                 if listener is not None:
                     listeners.append(listener)
-        return Proxy(name=name, listeners=tuple(listeners))
+        return Proxy(name=name, listeners=tuple(listeners), identities=tuple(dict.fromkeys(identities)))
+
+    def spiffe_id(self, node: Node, path: str) -> str | None:
+        text = self.scalar(node, path, str, "a SPIFFE ID (spiffe://trust-domain/path)")
+        if text is None:
+            return None
+        if not SPIFFE_ID_RE.fullmatch(text) or len(text) > 2048:
+            self.report(node, path, f"{quoted(text)} is not a SPIFFE ID; valid: spiffe://TRUST-DOMAIN/PATH, e.g. "
+                        "spiffe://example.org/keepsrc/edge-fleet (lowercase trust domain, a path of "
+                        "letters, digits and . - _ segments)")
+            return None
+        return text
 
     def claim(self, taken: dict[Any, str], value: object, node: Node, path: str, problem: str) -> None:
         """Records that the listener at `path` uses `value`; reports it if an earlier listener does."""

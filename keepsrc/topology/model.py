@@ -239,6 +239,9 @@ class Listener:
 class Proxy:
     name: str  # matched against the Envoy's node.id, else node.cluster
     listeners: tuple[Listener, ...]
+    # SPIFFE IDs, besides spiffe://<trust domain>/keepsrc/<name>, whose certificates may be served
+    # this entry (`keepsrc serve --client-ca`): e.g. the one identity a fleet of Envoys shares.
+    identities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
