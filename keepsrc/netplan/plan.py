@@ -49,6 +49,10 @@ JUMP_COMMENT = "keepsrc"
 # another tool (e.g. Istio) installed.
 RT_PROTO = 107
 ROUTE_LOCALNET = "net.ipv4.conf.all.route_localnet"
+# The value `--remove` puts back when keepsrc's record of a sysctl's prior value is gone (a mangle
+# flush or an older ruleset restored takes the record with it): the kernel default, which is also
+# the safe one (route_localnet=1 without the 127/8 guard exposes 127/8 to the network).
+SAFE_SYSCTLS = {ROUTE_LOCALNET: "0"}
 _FULL_MASK = "--nfmask 0xffffffff --ctmask 0xffffffff"
 
 
@@ -149,7 +153,7 @@ def _mark_datagrams(mark: int, upstream: SocketAddress) -> str:
 
 # route_localnet also lets packets from the wire reach 127/8 (the kube-proxy CVE-2020-8558
 # problem); nothing legitimate arrives for 127/8 on a non-loopback interface, so drop it.
-_LOCALNET_GUARD = ('! -i lo -d 127.0.0.0/8 -m comment --comment "keepsrc: route_localnet is on;'
+LOCALNET_GUARD = ('! -i lo -d 127.0.0.0/8 -m comment --comment "keepsrc: route_localnet is on;'
                    ' keep 127/8 unreachable from the network" -j DROP')
 
 
@@ -201,6 +205,15 @@ def _uses_loopback(topology: Topology, listener: Listener) -> bool:
     return False
 
 
+def needs_route_localnet(topology: Topology, node: str) -> bool:
+    """Whether proxy `node`'s plan sets route_localnet (and so its 127/8 guard): an original_src
+    listener with placement local whose upstream is on 127/8. Never raises for an unclear listener."""
+    proxy = topology.proxies.get(node)
+    return proxy is not None and any(
+        listener.original_src is not None and listener.original_src.placement is Placement.LOCAL
+        and _uses_loopback(topology, listener) for listener in proxy.listeners)
+
+
 def plan_for(topology: Topology, node: str) -> NetPlan:
     """The host plan for proxy `node`; raises KeyError for an unknown node, PlanError when unsure."""
     proxy = topology.proxies[node]
@@ -248,7 +261,7 @@ def plan_for(topology: Topology, node: str) -> NetPlan:
     mark_sets = tuple(MarkSet(m, t, p, i, tuple(names), (m, t, p, i) in tcp_sets,
                               tuple(dict.fromkeys(udp_upstreams.get((m, t, p, i), ()))))
                       for (m, t, p, i), names in sets.items())
-    prerouting: dict[int, list[str]] = {4: [_LOCALNET_GUARD] if localnet else [], 6: []}
+    prerouting: dict[int, list[str]] = {4: [LOCALNET_GUARD] if localnet else [], 6: []}
     output: dict[int, list[str]] = {4: [], 6: []}
     rules: list[IpRule] = []
     for s in mark_sets:
