@@ -1,6 +1,7 @@
 """docker-compose.yml: the talk's four scenarios on real Envoy, HAProxy and nginx images.
 
-No Docker engine runs here, so this checks what would make `docker-compose --profile <scenario> up`
+tests/test_compose_up.py brings every scenario up for real (podman's Docker API). This checks, with
+no container at all, what would make `docker-compose --profile <scenario> up`
 fail or show the wrong client address: the file is valid for docker-compose, every path it mounts
 exists, every topology and node it names exists, each Envoy's bootstrap is what `keepsrc bootstrap`
 prints now, each Envoy owns its listeners' addresses, the load balancer's PROXY header lands on a
@@ -122,7 +123,8 @@ def envoy_node(service: Service) -> tuple[str, Proxy]:
 
 
 def names(predicate: Callable[[Service], bool]) -> list[str]:
-    return [s.name for s in services().values() if predicate(s)]
+    """The scenario services that satisfy `predicate`; another profile (e.g. replicas) has its own tests."""
+    return [s.name for s in services().values() if set(s.profiles) & set(SCENARIOS) and predicate(s)]
 
 
 ENVOYS = names(lambda s: s.is_envoy)
@@ -138,15 +140,19 @@ def _compose(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("profile", [None, *SCENARIOS])
+def all_profiles() -> list[str]:
+    return sorted({p for s in services().values() for p in s.profiles})
+
+
+@pytest.mark.parametrize("profile", [None, *all_profiles()])
 def test_docker_compose_accepts_the_file(profile: str | None) -> None:
     result = _compose(*(["--profile", profile] if profile else []), "config", "-q")
     assert result.returncode == 0, f"docker-compose config rejects {COMPOSE_FILE.name}:\n{result.stderr}"
 
 
 def test_every_scenario_is_a_profile_serving_its_example() -> None:
-    used = {p for s in services().values() for p in s.profiles}
-    assert used == set(SCENARIOS), f"profiles {sorted(used)}; the scenarios are {SCENARIOS}"
+    used = set(all_profiles())
+    assert set(SCENARIOS) <= used, f"profiles {sorted(used)}; the scenarios are {SCENARIOS}"
     for scenario in SCENARIOS:
         path, _ = scenario_topology(scenario)
         assert path == (ROOT / "examples" / f"{scenario}.yaml").resolve()  # examples/ is a symlink
@@ -254,11 +260,19 @@ def test_load_balancer_proxy_header_reaches_a_reader(name: str) -> None:
     config = service.mounts()["/usr/local/etc/haproxy/haproxy.cfg"].read_text()
     by_ip = {s.ip: s for s in in_scenario(scenario) if s.ip}
     servers = SERVER_LINE.findall(config)
-    assert servers, f"{name}: no `server` lines"
+    assert any("send-proxy-v2" in options.split() for _, _, options in servers), f"{name}: no send-proxy-v2 server"
     for ip, port, options in servers:
-        assert "send-proxy-v2" in options.split(), f"{name}: {ip}:{port} should get the client in PROXY v2"
         target = by_ip.get(ip)
         assert target, f"{name}: no service of {scenario} has {ip}"
+        if "send-proxy-v2" not in options.split():
+            # A negative path (the client is lost on purpose): the target must not expect a header,
+            # or it would refuse the connection instead of showing HAProxy's address.
+            assert not target.is_envoy, f"{name}: {ip}:{port} gets no PROXY header; only nginx has a plain port"
+            conf = "\n".join(p.read_text() for p in target.mounts().values() if p.is_file())
+            assert re.search(rf"^\s*listen\s+{port}\s*;", conf, re.MULTILINE), (
+                f"{name}: {target.name} has no plain `listen {port};` for the path without PROXY protocol"
+            )
+            continue
         if target.is_envoy:
             _, proxy = envoy_node(target)
             readers = [
@@ -293,3 +307,45 @@ def test_nginx_accepts_its_config(name: str, tmp_path: Path) -> None:
         [nginx, "-t", "-p", str(tmp_path), "-c", str(main_conf)], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, f"nginx -t rejects {conf}:\n{result.stderr}"
+
+
+def _qualified(image: str) -> str:
+    """What podman's Docker API calls an image: docker.io/library/haproxy:3.2 for haproxy:3.2."""
+    if "/" not in image:
+        image = f"library/{image}"
+    return image if "." in image.split("/")[0] else f"docker.io/{image}"
+
+
+def test_every_image_has_a_stand_in() -> None:
+    """Where no registry answers, scripts/build-standin-images must make every image the stack runs on."""
+    listed = subprocess.run(
+        [str(ROOT / "scripts/build-standin-images"), "--list"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
+    wanted = {_qualified(services()[name].image) for name in names(lambda s: "build" not in s.spec)}
+    wanted |= {_qualified(line.split()[1]) for line in (ROOT / "Dockerfile").read_text().splitlines()
+               if line.startswith("FROM ")}
+    assert wanted <= set(listed), f"no stand-in for {sorted(wanted - set(listed))}"
+
+
+def test_the_lab_network_reaches_nothing_else() -> None:
+    spec = yaml.safe_load(COMPOSE_FILE.read_text())
+    lab = spec["networks"]["lab"]
+    assert lab.get("internal") is True, "the lab network should be internal: no route out of it"
+    assert [c["subnet"] for c in lab["ipam"]["config"]] == ["198.18.0.0/16"]
+    published = names(lambda s: bool(s.spec.get("ports")))
+    assert not published, f"services publishing ports to the host: {published}"
+
+
+def test_keepsrc_runs_unprivileged_except_the_netplan() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0"), f"Dockerfile's last USER: {users}"
+    assert re.search(r"^HEALTHCHECK\s.*grpc_health", dockerfile, re.MULTILINE), "Dockerfile has no gRPC HEALTHCHECK"
+    for name in names(lambda s: s.spec.get("image") == "keepsrc:compose"):
+        service = services()[name]
+        is_netplan = service.command[:1] == ["netplan"]
+        assert (service.spec.get("user") == "root") == is_netplan, f"{name}: user {service.spec.get('user')}"
+        # The image's HEALTHCHECK asks keepsrc serve; anything else must switch it off.
+        is_server = service.command[:1] == ["serve"]
+        disabled = (service.spec.get("healthcheck") or {}).get("disable") is True
+        assert disabled != is_server, f"{name}: healthcheck {'off' if disabled else 'on'}"
