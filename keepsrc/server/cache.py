@@ -203,6 +203,8 @@ class SnapshotCache:
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
         self._history: dict[str, deque[Entry]] = {}
+        # (key, type, variant) -> version -> resources of SotW make-before-break sets sent lately.
+        self._served: dict[tuple[str, str, str], dict[str, Mapping[str, Resource]]] = {}
         self._watchers: dict[str, set[Watcher]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_loaded: list[Callable[[], None]] = []
@@ -266,6 +268,8 @@ class SnapshotCache:
                 if old is not None:
                     del self._entries[key]
                     self._history.pop(key, None)
+                    for served in [k for k in self._served if k[0] == key]:
+                        del self._served[served]
                     changed.append(key)
             # Content-addressed versions: an identical rebuild keeps the old Entry and its encodings.
             elif old is None or (old.snapshot.version_info, old.snapshot.identities) != (
@@ -294,11 +298,28 @@ class SnapshotCache:
         return self._entries.get(node_id) or (self._entries.get(node_cluster) if node_cluster else None)
 
     def held_resources(self, entry: Entry, type_url: str, variant: str, version: str) -> Mapping[str, Resource] | None:
-        """Every resource of a type as served in `entry` or a recent predecessor whose wildcard
-        version is `version` (what a reconnecting SotW Envoy reports holding); None if unknown."""
+        """The resources of a SotW wildcard response (all of a type, or a make-before-break set that
+        kept some going away) recently served from `entry`'s key under `version`: what a
+        reconnecting SotW Envoy reports holding. None if unknown."""
         for candidate in (entry, *self._history.get(entry.key, ())):
             if candidate.wildcard_version(type_url, variant) == version:
                 return candidate.of_type(type_url, variant)
+        return self._served.get((entry.key, type_url, variant), {}).get(version)
+
+    def remember_served(self, key: str, type_url: str, variant: str, version: str,
+                        resources: Mapping[str, Resource]) -> None:
+        """Record a make-before-break set sent for `key`: an Envoy may reconnect holding exactly it."""
+        served = self._served.setdefault((key, type_url, variant), {})
+        served[version] = resources
+        while len(served) > self.HISTORY:
+            del served[next(iter(served))]
+
+    def resource_at(self, entry: Entry, type_url: str, variant: str, name: str, version: str) -> Resource | None:
+        """The resource `name` at `version` in `entry` or a recent predecessor (delta: what a client holds)."""
+        for candidate in (entry, *self._history.get(entry.key, ())):
+            resource = candidate.of_type(type_url, variant).get(name)
+            if resource is not None and resource.version == version:
+                return resource
         return None
 
     # -- watchers (streams) -----------------------------------------------------------------

@@ -83,7 +83,19 @@ class DeltaStream(Stream):
                 sub.probes.pop(name, None)
         self.check_names(type_url, len(sub.names))
 
-    def plan(self, type_url: str, sub: _Subscription, removals: bool) -> _Response | None:
+    def client_holds(self, type_url: str, sub: _Subscription) -> Mapping[str, Resource] | None:
+        if self.entry is None:
+            return None
+        held = {}
+        for name, version in sub.known.items():
+            resource = self.cache.resource_at(self.entry, type_url, self.variant, name, version)
+            if resource is None:
+                return None  # a version this server never served, or UNKNOWN after a NACK
+            held[name] = resource
+        return held
+
+    def plan(self, type_url: str, sub: _Subscription, removals: bool,
+             in_use: frozenset[str] = frozenset()) -> _Response | None:
         entry = self.entry
         if entry is None or sub.settled is entry:
             return None
@@ -102,7 +114,7 @@ class DeltaStream(Stream):
             if (known.get(r.name) != r.version and rejected.get(r.name) != r.version) or r.name in refresh
         )
         gone = tuple(n for n in known if n not in current)
-        removed = gone if removals else ()
+        removed = tuple(n for n in gone if n not in in_use) if removals else ()
         if not adds and not removed:
             if not gone:
                 sub.settled = entry

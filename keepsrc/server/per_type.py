@@ -47,7 +47,7 @@ def per_type_variant(resource: Resource, delta: bool) -> Resource:
         if not cluster.eds_cluster_config.eds_config.HasField("ads"):
             return resource
         cluster.eds_cluster_config.eds_config.CopyFrom(source)
-        return Resource.of(resource.name, CLUSTER, cluster)
+        return Resource.of(resource.name, CLUSTER, cluster, resource.references)
     listener = Listener.FromString(resource.body)
     changed = False
     for chain in listener.filter_chains:
@@ -59,4 +59,4 @@ def per_type_variant(resource: Resource, delta: bool) -> Resource:
                 hcm.rds.config_source.CopyFrom(source)
                 network_filter.typed_config.Pack(hcm, deterministic=True)
                 changed = True
-    return Resource.of(resource.name, LISTENER, listener) if changed else resource
+    return Resource.of(resource.name, LISTENER, listener, resource.references) if changed else resource

@@ -78,9 +78,17 @@ class SotwStream(Stream):
         elif self.entry is not None:
             sub.diverged = self.plan(type_url, sub, removals=False) is not None
             sub.settled = None
+            if not sub.diverged:
+                # The version of what it asks for, as served now: it holds exactly those.
+                current = self.entry.of_type(type_url, self.variant)
+                sub.held, sub.held_known = {n: current[n] for n in sub.sorted_names if n in current}, True
         self.record_held(type_url, version)
 
-    def plan(self, type_url: str, sub: _Subscription, removals: bool) -> _Response | None:
+    def client_holds(self, type_url: str, sub: _Subscription) -> Mapping[str, Resource] | None:
+        return sub.held if sub.held_known else None
+
+    def plan(self, type_url: str, sub: _Subscription, removals: bool,
+             in_use: frozenset[str] = frozenset()) -> _Response | None:
         entry = self.entry
         if entry is None or sub.settled is entry:
             return None
@@ -91,10 +99,12 @@ class SotwStream(Stream):
                 sub.held, sub.held_known, sub.settled = current, True, entry
                 return None
             removed = {n: r for n, r in sub.held.items() if n not in current}
-            if removed and not removals:
-                # Make before break: keep what is going away until the replacements are in place.
-                resources: Mapping[str, Resource] = dict(sorted({**current, **removed}.items()))
-                key: object = ("kept", type_url, self.variant, frozenset((n, r.version) for n, r in removed.items()))
+            # Make before break: what is going away stays until the replacements are in place, and
+            # then as long as something the client holds still points at it.
+            kept = removed if not removals else {n: r for n, r in removed.items() if n in in_use}
+            if kept:
+                resources: Mapping[str, Resource] = dict(sorted({**current, **kept}.items()))
+                key: object = ("kept", type_url, self.variant, frozenset((n, r.version) for n, r in kept.items()))
             else:
                 resources, key = current, ("all", type_url, self.variant)
             version, body = entry.sotw_response(type_url, key, lambda: list(resources.values()))
@@ -120,6 +130,10 @@ class SotwStream(Stream):
         sub.nonce, sub.outstanding, sub.version = wire.next_nonce(), True, response.version
         sub.held, sub.held_known, sub.settled = response.resources, True, None
         self.record_sent(type_url, response.version, len(response.body))
+        entry = self.entry
+        if sub.wildcard and entry is not None and response.resources is not entry.of_type(type_url, self.variant):
+            # A make-before-break set: an Envoy that reconnects holding it must be known to.
+            self.cache.remember_served(entry.key, type_url, self.variant, response.version, response.resources)
         if type_url == CLUSTER:
             self.clusters_pushed(
                 n for n, r in response.resources.items()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +27,15 @@ import grpc
 from keepsrc.server import metrics
 from keepsrc.server.auth import Authorizer, peer_identity, proxy_identity
 from keepsrc.server.cache import Entry, Nack, NodeStatus, SnapshotCache
-from keepsrc.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SHORT_NAMES
+from keepsrc.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SHORT_NAMES, Resource
 
 log = logging.getLogger("keepsrc.server")
 
 ALL_TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 PUSH_ORDER = ALL_TYPES  # make before break: what a resource refers to goes before it
 REMOVAL_ORDER = (LISTENER, ROUTE, CLUSTER, ENDPOINT)  # break after make: users go before what they use
+# type -> the types whose resources point at it
+USERS = {LISTENER: (), ROUTE: (LISTENER,), CLUSTER: (LISTENER, ROUTE), ENDPOINT: (CLUSTER,)}
 WILDCARD_TYPES = frozenset({LISTENER, CLUSTER})  # LDS/CDS: Envoy asks for everything
 # A subscription naming more resources than this is refused: Envoy names what it was served, so only
 # a broken or hostile client gets near it, and the names are held for as long as the stream lives.
@@ -244,9 +246,16 @@ class Stream:
                         if self.entry is not None and previous is not None:
                             self._converging = self.entry.created
                     await self.sync()
-        except (grpc.aio.AioRpcError, RuntimeError, asyncio.InvalidStateError) as exc:
+        except (grpc.aio.AioRpcError, RuntimeError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
             # The stream went away mid-push; run() is finishing it.
             log.debug("node %s: push aborted: %s", self.node_id, exc)
+        except Exception as exc:
+            # gRPC raises its own ExecuteBatchError for a write to a stream that just went away;
+            # anything else is a bug, and must not pass quietly.
+            if self.context.done():
+                log.debug("node %s: push aborted: %r", self.node_id, exc)
+            else:
+                log.exception("node %s: push failed", self.node_id)
         finally:
             self._pusher = None
 
@@ -283,25 +292,61 @@ class Stream:
         for type_url, sub in self.subscriptions.items():
             if status.of(type_url).nack is not None:
                 self._settle(type_url, sub)
-        if any(status.of(t).nack is not None for t in self.subscriptions):
-            # After a NACK the client holds a mix of old and new we cannot see into (its old
-            # listener may still use the cluster the new one dropped): remove nothing until a
-            # version it accepts replaces the rejected one.
-            return
+        # After a NACK the client holds a mix of old and new we cannot see into (its old listener
+        # may still use the cluster the new one dropped): nothing is removed until a version it
+        # accepts replaces the rejected one.
+        rejected = any(status.of(t).nack is not None for t in self.subscriptions)
         removed = False
         for type_url in REMOVAL_ORDER:
             sub = self.subscriptions.get(type_url)
             if sub is None or sub.settled is entry:
                 continue
-            response = self.plan(type_url, sub, removals=True)
-            if response is None:
-                sub.settled = entry
-            else:
+            in_use = None if rejected else self._in_use(type_url)
+            if in_use is None:
+                # Removals wait, and the status says a newer version waits too.
+                status.of(type_url).waiting = self.plan(type_url, sub, removals=True) is not None
+                continue
+            response = self.plan(type_url, sub, removals=True, in_use=in_use)
+            if response is not None:
                 removed = True
                 await self.send(type_url, sub, response)
-        if self._converging is not None and not removed:
+        if self._converging is not None and not removed and not rejected:
             metrics.PROXY_CONVERGENCE_TIME.observe(time.monotonic() - self._converging)
             self._converging = None
+
+    def _in_use(self, type_url: str) -> frozenset[str] | None:
+        """Names of `type_url` that resources the client holds point at, which must not be removed
+        (a listener's clusters and route config, a route's clusters, an EDS cluster's endpoints);
+        None while what the client holds is not known (on reconnect, before its requests say)."""
+        if len(self.type_urls) == 1:
+            return frozenset()  # per type: users live on other streams, with no order between them
+        names: set[str] = set()
+        for user_type in USERS[type_url]:
+            held = self._holds(user_type)
+            if held is None:
+                return None
+            for resource in held.values():
+                if resource.references is None:
+                    return None
+                names.update(name for kind, name in resource.references if kind == type_url)
+        return frozenset(names)
+
+    def _holds(self, type_url: str) -> Mapping[str, Resource] | None:
+        sub = self.subscriptions.get(type_url)
+        if sub is not None:
+            return self.client_holds(type_url, sub)
+        if type_url == ROUTE:
+            # No RDS subscription: none is needed if no listener the client holds names a route.
+            listeners = self._holds(LISTENER)
+            if listeners is None or any(r.references is None or any(kind == ROUTE for kind, _ in r.references)
+                                        for r in listeners.values()):
+                return None
+            return {}
+        return None  # an ADS Envoy always subscribes to listeners and clusters; until it has, unknown
+
+    def client_holds(self, type_url: str, sub: Any) -> Mapping[str, Resource] | None:
+        """The resources the client holds of a type, as far as this server knows; None if unknown."""
+        raise NotImplementedError
 
     def _settle(self, type_url: str, sub: Subscription) -> None:
         """Nothing in flight or to send: if the snapshot moved off a rejected version, the client
@@ -328,11 +373,17 @@ class Stream:
         clusters = self.subscriptions.get(CLUSTER)
         if clusters is not None and clusters.outstanding:
             return True
-        return bool(self.refresh) and self.subscriptions.get(ENDPOINT) is not None
+        if not self.refresh or self.subscriptions.get(ENDPOINT) is None or self.entry is None:
+            return False
+        # A cluster the snapshot dropped meanwhile gets no endpoints: nothing to wait for.
+        eds = self.entry.of_type(ENDPOINT, self.variant)
+        self.refresh.intersection_update(eds)
+        return bool(self.refresh)
 
-    def plan(self, type_url: str, sub: Any, removals: bool) -> Any:
+    def plan(self, type_url: str, sub: Any, removals: bool, in_use: frozenset[str] = frozenset()) -> Any:
         """The response that brings the client to the current snapshot, or None if it needs none.
-        Without `removals`, resources that are gone stay (SotW) or are not removed yet (delta)."""
+        Without `removals`, resources that are gone stay (SotW) or are not removed yet (delta);
+        with them, those `in_use` still stay. Sets `sub.settled` when nothing is left at all."""
         raise NotImplementedError
 
     async def send(self, type_url: str, sub: Any, response: Any) -> None:
@@ -363,6 +414,10 @@ class Stream:
         if request.HasField("error_detail"):
             self._record_nack(type_url, sub.version, sub.nonce, request.error_detail)
             self.rejected(type_url, sub)
+            endpoints = self.subscriptions.get(ENDPOINT)
+            if type_url == CLUSTER and endpoints is not None and not endpoints.wildcard:
+                # A cluster the client refused gets no EDS subscription: listeners must not wait for it.
+                self.refresh.intersection_update(endpoints.names)
         else:
             self.accepted(type_url, sub)
             self._record_ack(type_url, sub.version, sub.nonce, still_rejected=self.still_rejected(type_url, sub))

@@ -455,23 +455,29 @@ def cluster_resource(service: Service, inline_endpoints: bool = False) -> cluste
 # same version) on the next build too.
 @lru_cache(maxsize=65536)
 def _cluster(service: Service) -> Resource:
-    return Resource.of(service.name, CLUSTER, cluster_resource(service))
+    references = frozenset() if service.uses_dns else frozenset({(ENDPOINT, service.name)})
+    return Resource.of(service.name, CLUSTER, cluster_resource(service), references)
 
 
 @lru_cache(maxsize=65536)
 def _endpoints(service: Service) -> Resource:
     body = wire.cluster_load_assignment(service.name, service.endpoints)
-    return Resource(service.name, ENDPOINT, body, endpoint_pb2.ClusterLoadAssignment)
+    return Resource(service.name, ENDPOINT, body, endpoint_pb2.ClusterLoadAssignment, references=frozenset())
 
 
 @lru_cache(maxsize=65536)
 def _listener(listener: Listener, sticky: frozenset[str]) -> Resource:
-    return Resource.of(listener.name, LISTENER, listener_resource(listener, sticky=sticky))
+    if listener.protocol is Protocol.HTTP:
+        references = frozenset({(ROUTE, route_config_name(listener))})
+    else:
+        references = frozenset((CLUSTER, name) for name in listener.services())
+    return Resource.of(listener.name, LISTENER, listener_resource(listener, sticky=sticky), references)
 
 
 @lru_cache(maxsize=65536)
 def _route(listener: Listener, sticky: frozenset[str]) -> Resource:
-    return Resource.of(route_config_name(listener), ROUTE, route_configuration(listener, sticky))
+    return Resource.of(route_config_name(listener), ROUTE, route_configuration(listener, sticky),
+                       frozenset((CLUSTER, name) for name in listener.services()))
 
 
 def sticky_services(topology: Topology, listener: Listener) -> frozenset[str]:

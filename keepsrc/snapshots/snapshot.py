@@ -25,6 +25,9 @@ TYPE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 SHORT_NAMES = {CLUSTER: "cluster", ENDPOINT: "endpoint", LISTENER: "listener", ROUTE: "route"}
 
 
+References = frozenset[tuple[str, str]]
+
+
 def content_version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -36,20 +39,24 @@ class Resource:
     parsed from `body` on first use (render, tests, debugging).
     """
 
-    __slots__ = ("_message", "body", "message_type", "name", "type_url", "version")
+    __slots__ = ("_message", "body", "message_type", "name", "references", "type_url", "version")
 
     def __init__(self, name: str, type_url: str, body: bytes, message_type: type[Message],
-                 message: Message | None = None) -> None:
+                 message: Message | None = None, references: References | None = None) -> None:
         self.name = name
         self.type_url = type_url
         self.body = body
         self.version = content_version(body)
         self.message_type = message_type
         self._message = message
+        # (type URL, name) of each resource this one points at: a listener's route config and
+        # clusters, a route's clusters, an EDS cluster's endpoints. The server removes nothing an
+        # Envoy's resources still point at. None: not known (a resource not made by the builder).
+        self.references = references
 
     @classmethod
-    def of(cls, name: str, type_url: str, message: Message) -> Resource:
-        return cls(name, type_url, message.SerializeToString(deterministic=True), type(message), message)
+    def of(cls, name: str, type_url: str, message: Message, references: References | None = None) -> Resource:
+        return cls(name, type_url, message.SerializeToString(deterministic=True), type(message), message, references)
 
     @property
     def message(self) -> Message:

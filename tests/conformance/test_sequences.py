@@ -204,7 +204,10 @@ def test_delta_partial_nack_probes_each_resource_and_a_revert_resends_what_was_a
             alone = await fleet.receive(LDS)
             assert alone.names == ["tcp-in"]
             await fleet.nack(alone, "tcp-in: cluster_specifier is required")
-            await until_status(channel, {**ALL_SYNCED, "Listener": "ERROR"})
+            # The clusters: a (which the old tcp-in still uses) is not removed while the NACK
+            # stands, and the status says a newer version waits.
+            await until_status(channel, {"Cluster": "STALE", "ClusterLoadAssignment": "STALE", "Listener": "ERROR",
+                                         "RouteConfiguration": "SYNCED"})
             # Revert: the applied http-in is sent back; tcp-in is already what the client holds.
             cache.set("edge", s0)
             listeners = await fleet.receive(LDS)

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conformance.raw import CDS, EDS, LDS, RDS, Raw, csds_status, edge, served, status_name
+from tests.conformance.raw import CDS, EDS, LDS, RDS, Raw, Response, csds_status, edge, served, status_name
 
 both = pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 transports = pytest.mark.parametrize("per_type", [False, True], ids=["ads", "per-type"])
@@ -98,37 +98,39 @@ def test_a_removed_wildcard_resource_goes_by_omission_or_by_name(delta: bool) ->
 
 
 @both
-def test_named_resource_removed_from_the_snapshot(delta: bool) -> None:
-    """SotW cannot remove a named resource (Envoy drops it with the cluster that used it); delta
-    names it in removed_resources."""
+def test_a_cluster_goes_once_nothing_the_client_holds_points_at_it(delta: bool) -> None:
+    """http-in and its cluster b leave the topology. b is removed only once nothing the client holds
+    points at it: not while the client still holds http-in's route config (Envoy keeps it while the
+    listener drains), and in SotW, where a named resource cannot be removed, once the client stops
+    asking for it."""
     async def test() -> None:
         async with served(("edge", edge())) as (cache, channel):
             raw = Raw(channel, delta=delta)
-            await subscribe(raw, CDS, [])
-            clusters = await raw.expect(CDS)
-            await raw.ack(clusters)
-            await subscribe(raw, EDS, ["a", "b"])
-            endpoints = await raw.expect(EDS)
-            await raw.ack(endpoints)
-            cache.set("edge", edge(http=False))  # b is gone
+            responses: dict[str, Response] = {}
+            for type_url, names in ((CDS, []), (EDS, ["a", "b"]), (LDS, []), (RDS, ["http-in"])):
+                await subscribe(raw, type_url, names)
+                responses[type_url] = await raw.expect(type_url)
+                await raw.ack(responses[type_url])
+            cache.set("edge", edge(http=False))  # http-in, its route and cluster b are gone
+            seen: list[Response] = []
+            while not any(r.type_url == LDS for r in seen):
+                seen.append(await raw.recv())
+                await raw.ack(seen[-1], None if delta or seen[-1].type_url != EDS else ["a", "b"])
+            listeners = seen[-1]
+            assert "http-in" in listeners.removed if delta else listeners.names == ["tcp-in"]
             if delta:
-                clusters = await raw.expect(CDS)
-                assert clusters.removed == ["b"]
-                await raw.ack(clusters)
-                assert (await raw.expect(EDS)).removed == ["b"]
+                # The route config goes (no listener names it now), then b, then b's endpoints.
+                routes = await raw.expect(RDS)
+                assert routes.removed == ["http-in"]
+                await raw.ack(routes)
+                assert (await raw.expect(CDS)).removed == ["b"]
             else:
-                # Endpoints of a go first (b's are not in it, which removes nothing in SotW), then
-                # the clusters without b once that is answered.
-                endpoints = await raw.expect(EDS)
-                assert endpoints.names == ["a"]
-                await raw.ack(endpoints, ["a", "b"])
+                # The client still holds route http-in, which points at b: b stays.
+                await raw.quiet()
+                # The drained listener's route subscription goes to zero names: now b goes.
+                await raw.sotw(RDS, [], version=responses[RDS].version, nonce=responses[RDS].nonce)
                 clusters = await raw.expect(CDS)
                 assert clusters.names == ["a"]
-                await raw.ack(clusters)
-                # Envoy stops asking for b's endpoints, and then nothing changes for it.
-                await raw.sotw(EDS, ["a"], version=endpoints.version, nonce=endpoints.nonce)
-                cache.set("edge", edge(http=False, a_port=9100))
-                assert (await raw.expect(EDS)).names == ["a"]
 
     run(test)
 

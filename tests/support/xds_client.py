@@ -40,6 +40,9 @@ WILDCARD = (CLUSTER, LISTENER)
 
 # Called with (type_url, {name: message}) of each response; a string NACKs it with that message.
 Reject = Callable[[str, dict[str, object]], str | None]
+# Called with (client, type_url, {name: message}, removed names, NACK message or None) once a response
+# is applied (or refused), before it is answered: `client.held` is what the client holds after it.
+OnResponse = Callable[["XdsClient", str, dict[str, object], tuple[str, ...], str | None], None]
 
 
 def _name(type_url: str, message: object) -> str:
@@ -59,12 +62,17 @@ class Received:
 
 class XdsClient:
     """One xDS stream on `channel`. `ads=False` with one type in `types` uses that type's service;
-    `names` then are the RDS/EDS names to ask for (over ADS they follow from CDS and LDS)."""
+    `names` then are the RDS/EDS names to ask for (over ADS they follow from CDS and LDS).
+
+    `reject` is read on every response, so a test may replace it at any time; `on_response` sees
+    every response right after it is applied, in order (tests/conformance/test_stateful.py checks
+    make-before-break there)."""
 
     def __init__(self, channel: grpc.aio.Channel, node_id: str, cluster: str = "", *, delta: bool = False,
                  ads: bool = True, names: tuple[str, ...] = (),
                  types: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE), reject: Reject | None = None,
-                 on_ack: Callable[[XdsClient, str], None] | None = None, keep_history: bool = True) -> None:
+                 on_ack: Callable[[XdsClient, str], None] | None = None, keep_history: bool = True,
+                 on_response: OnResponse | None = None) -> None:
         self.channel = channel
         self.node = Node(id=node_id, cluster=cluster)
         self.delta = delta
@@ -73,6 +81,7 @@ class XdsClient:
         self.types = types
         self.reject = reject
         self.on_ack = on_ack
+        self.on_response = on_response
         self.keep_history = keep_history
         self.held: dict[str, dict[str, object]] = {t: {} for t in types}  # type -> name -> message
         self.resource_versions: dict[str, dict[str, str]] = {t: {} for t in types}  # delta only
@@ -192,6 +201,8 @@ class XdsClient:
             self.history.append(Received(type_url, self.versions.get(type_url, "") if error is None else "?",
                                          response.nonce, tuple(incoming), removed, error is not None))
         self.nonces[type_url] = response.nonce
+        if self.on_response is not None:
+            self.on_response(self, type_url, incoming, removed, error)
         await self._request(type_url, subscribe=[], nonce=response.nonce, error=error)
         if error is None and self.on_ack is not None:
             self.on_ack(self, type_url)
