@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from keepsrc.netplan.check import host_findings
 from keepsrc.server import metrics
 from keepsrc.server.cache import SnapshotCache
 from keepsrc.snapshots.builder import build_snapshots
@@ -180,6 +181,9 @@ class TopologySource:
                 metrics.TOPOLOGY_RELOADS.labels("invalid").inc()
                 return None
             write_secret_files(topology)
+            # route_localnet without the plan's 127/8 guard opens 127/8 to the network (CVE-2020-8558).
+            for finding in host_findings(topology):
+                log.warning("%s", finding)
             snapshots = build_snapshots(topology)
             metrics.TOPOLOGY_RELOADS.labels("ok").inc()
             metrics.TOPOLOGY_BUILD_TIME.observe(time.monotonic() - started)
