@@ -251,3 +251,20 @@ def test_unix_socket_gets_an_explicit_mode(lab: SeqLab, tmp_path: Path) -> None:
         assert stat.S_IMODE(socket.stat().st_mode) == 0o660
     finally:
         serve.stop()
+
+
+def test_an_entry_may_name_a_fleet_identity(lab: SeqLab, pki: Path, server: Serve, tmp_path: Path) -> None:
+    """`identities` on a proxy entry: Envoys sharing one fleet certificate are served that entry."""
+    write_pki(pki, ["fleet"], TRUST_DOMAIN)
+    fleet = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes(),
+                                         (pki / "proxies" / "fleet-key.pem").read_bytes(),
+                                         (pki / "proxies" / "fleet.pem").read_bytes())
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        _ads_request(f"127.0.0.1:{server.port}", fleet, "ingress")
+    assert error.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    text = lab.path.read_text().replace(
+        "  ingress:\n    listeners:",
+        f"  ingress:\n    identities: [spiffe://{TRUST_DOMAIN}/keepsrc/fleet]\n    listeners:")
+    lab.path.write_text(text)
+    until(lambda: server.text().count("loaded ") >= 2, 20, "the reload")
+    assert _ads_request(f"127.0.0.1:{server.port}", fleet, "ingress").type_url == CLUSTER
