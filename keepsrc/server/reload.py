@@ -13,14 +13,12 @@ and every xDS stream is served by the loop. Only the swap into the cache runs on
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,29 +30,13 @@ from keepsrc.snapshots.snapshot import Snapshot
 from keepsrc.snapshots.tls import write_secret_files
 from keepsrc.store import BuiltinStore, Content, FileStore, LocalStore, Store, StoreError, check_content
 from keepsrc.topology.diagnostics import Severity
+from keepsrc.topology.loader import cycle_collection_paused
 
 log = logging.getLogger("keepsrc.server")
 
 # A fleet reconnecting at once asks whether this replica is current; one store read answers all
 # of them for this long (and a new load always asks again).
 FRESHNESS_TTL_S = 0.5
-
-
-@contextmanager
-def _cycle_collector_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector (process-wide) for one load.
-
-    A load allocates millions of objects that all stay alive until it ends (or die by refcount).
-    Meanwhile the collector would walk the whole heap again and again, holding the GIL 50-300 ms
-    each time and stalling the event loop; paused, the stalls are the GIL's own switching.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +142,7 @@ class TopologySource:
                 log.warning("%s holds no topology yet; nothing is served until one is pushed "
                             "(keepsrc push FILE --store %s)", self.name, self.name)
             return None
-        with self._loading, _cycle_collector_paused():
+        with self._loading, cycle_collection_paused():
             digest = None if content.data is None else hashlib.sha256(content.data).hexdigest()
             if digest is not None and not force and self._attempted is not None and digest == self._attempted[0]:
                 loaded = self._attempted[1]

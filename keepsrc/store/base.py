@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from keepsrc.topology.diagnostics import Diagnostic
-from keepsrc.topology.loader import check_topology_text
+from keepsrc.topology.loader import check_topology_bytes
 from keepsrc.topology.model import Topology
 
 
@@ -43,16 +43,7 @@ def check_content(content: Content) -> tuple[Topology | None, list[Diagnostic]]:
     """Validate content exactly as `keepsrc validate` validates a file, naming `content.name`."""
     if content.data is None:
         return None, [Diagnostic(content.name, 1, 1, "", content.problem or "no topology is stored")]
-    data = content.data
-    try:
-        # utf-8-sig: editors on Windows save a byte-order mark, which is not part of the YAML.
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        col = exc.start - data.rfind(b"\n", 0, exc.start)
-        message = f"not UTF-8: byte 0x{data[exc.start]:02x} cannot be decoded; save the file as UTF-8"
-        return None, [Diagnostic(content.name, line, col, "", message)]
-    return check_topology_text(text, content.name)
+    return check_topology_bytes(content.data, content.name)
 
 
 class Store(ABC):

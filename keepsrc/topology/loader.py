@@ -63,7 +63,7 @@ from keepsrc.topology.model import (
 )
 from keepsrc.topology.reader import API_VERSION, compose, max_bytes_limit, too_large, utf8_size
 
-__all__ = ["check_topology", "check_topology_text", "load_topology"]
+__all__ = ["check_topology", "check_topology_bytes", "check_topology_text", "cycle_collection_paused", "load_topology"]
 
 # A DNS name: at most 253 characters, labels of at most 63 (RFC 1035); the resolver refuses longer.
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -966,7 +966,7 @@ def check_topology_text(
     size = utf8_size(text, limit)
     if size > limit:
         return None, [too_large(file, size, limit)]
-    with _no_cycle_collection():
+    with cycle_collection_paused():
         root, diagnostics = compose(text, file)
         if root is None:
             return None, diagnostics
@@ -977,11 +977,12 @@ def check_topology_text(
 
 
 @contextmanager
-def _no_cycle_collection() -> Iterator[None]:
-    """Pauses Python's cycle collector while a file is read. Composing allocates a few objects per
-    byte, which triggers full collections over everything alive: on 1.5 MB that doubled the load
-    time and made it grow faster than the file. Nodes and model objects hold no cycles (anchors are
-    refused), so reference counting frees them as before; the collector resumes as it was."""
+def cycle_collection_paused() -> Iterator[None]:
+    """Pauses Python's cycle collector (process-wide) while a topology is read and built. Composing
+    allocates a few objects per byte, which triggers full collections over everything alive: on
+    1.5 MB that doubled the load time, made it grow faster than the file, and (in a server) held
+    the GIL 50-300 ms at a time, stalling the event loop. Nodes and model objects hold no cycles
+    (anchors are refused), so reference counting frees them as before; the collector resumes as it was."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -1006,6 +1007,12 @@ def check_topology(path: str | Path, max_bytes: int | None = None) -> tuple[Topo
                 return None, [too_large(str(path), size, limit)]
     except OSError as exc:
         return None, [Diagnostic(str(path), 1, 1, "", f"cannot read topology file: {exc.strerror or exc}")]
+    return check_topology_bytes(data, str(path), max_bytes)
+
+
+def check_topology_bytes(data: bytes, file: str, max_bytes: int | None = None) -> tuple[Topology | None,
+                                                                                      list[Diagnostic]]:
+    """check_topology_text on bytes read from `file` (a path, or a store's key): UTF-8, a BOM allowed."""
     try:
         # utf-8-sig: editors on Windows save a byte-order mark, which is not part of the YAML.
         text = data.decode("utf-8-sig")
@@ -1013,8 +1020,8 @@ def check_topology(path: str | Path, max_bytes: int | None = None) -> tuple[Topo
         line = data.count(b"\n", 0, exc.start) + 1
         col = exc.start - data.rfind(b"\n", 0, exc.start)
         message = f"not UTF-8: byte 0x{data[exc.start]:02x} cannot be decoded; save the file as UTF-8"
-        return None, [Diagnostic(str(path), line, col, "", message)]
-    return check_topology_text(text, str(path), max_bytes=limit)
+        return None, [Diagnostic(file, line, col, "", message)]
+    return check_topology_text(text, file, max_bytes)
 
 
 def load_topology(path: str | Path, max_bytes: int | None = None) -> Topology:
