@@ -21,8 +21,10 @@ WORKDIR /
 USER keepsrc
 ENV PYTHONUNBUFFERED=1
 # `keepsrc serve` answers gRPC health (grpc.health.v1): service "" is SERVING once a topology is
-# loaded. KEEPSRC_HEALTH_ADDR: where serve listens, when not on port 18000. Containers of this image
-# that do not serve (netplan, backends, client) turn it off in docker-compose.yml.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc; channel = grpc.insecure_channel(os.environ.get('KEEPSRC_HEALTH_ADDR', '127.0.0.1:18000')); reply = rpc.HealthStub(channel).Check(pb.HealthCheckRequest(service=''), timeout=4); print(pb.HealthCheckResponse.ServingStatus.Name(reply.status)); sys.exit(reply.status != pb.HealthCheckResponse.SERVING)"]
+# loaded. KEEPSRC_HEALTH_ADDR: where serve listens, when not on port 18000. KEEPSRC_HEALTH_TLS: a
+# `keepsrc certs` directory, when serve runs mutual TLS: the check connects as keepsrc-admin
+# (admin.pem) and wants keepsrc's certificate to chain to ca.pem and name localhost. Containers of
+# this image that do not serve (netplan, backends, client) turn it off in docker-compose.yml.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc; address = os.environ.get('KEEPSRC_HEALTH_ADDR', '127.0.0.1:18000'); tls = os.environ.get('KEEPSRC_HEALTH_TLS'); read = lambda name: open(os.path.join(tls, name), 'rb').read(); channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(read('ca.pem'), read('admin-key.pem'), read('admin.pem')), [('grpc.ssl_target_name_override', 'localhost')]) if tls else grpc.insecure_channel(address); reply = rpc.HealthStub(channel).Check(pb.HealthCheckRequest(service=''), timeout=4); print(pb.HealthCheckResponse.ServingStatus.Name(reply.status)); sys.exit(reply.status != pb.HealthCheckResponse.SERVING)"]
 ENTRYPOINT ["keepsrc"]
 CMD ["--help"]

@@ -5,7 +5,8 @@ no container at all, what would make `docker-compose --profile <scenario> up`
 fail or show the wrong client address: the file is valid for docker-compose, every path it mounts
 exists, every topology and node it names exists, each Envoy's bootstrap is what `keepsrc bootstrap`
 prints now, each Envoy owns its listeners' addresses, the load balancer's PROXY header lands on a
-listener that reads it, and every original_src node has NET_ADMIN and its netplan.
+listener that reads it, every original_src node has NET_ADMIN and its netplan, and xDS is mutual TLS
+with the certificates keepsrc-certs writes into the volume `pki`, each Envoy showing its own entry's.
 
 After a change to `keepsrc bootstrap`, regenerate the bootstraps and review the diff:
     deploy/compose/regenerate-bootstraps
@@ -13,8 +14,7 @@ After a change to `keepsrc bootstrap`, regenerate the bootstraps and review the 
 
 from __future__ import annotations
 
-import contextlib
-import io
+import importlib.util
 import os
 import re
 import subprocess
@@ -27,7 +27,6 @@ from typing import Any
 import pytest
 import yaml
 
-from keepsrc.cli import main
 from keepsrc.topology import Proxy, Topology, load_topology
 from tests.support.strict import require_binary
 
@@ -36,8 +35,20 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 BOOTSTRAPS = ROOT / "deploy/compose/bootstrap"
 REGENERATE = "deploy/compose/regenerate-bootstraps"
 SCENARIOS = ("inner-http", "external-http", "inner-tcp", "external-tcp")
-XDS_PORT = 18000
-ENVOY_ADMIN = "0.0.0.0:9901"  # must match deploy/compose/regenerate-bootstraps
+PKI_VOLUME = "pki"
+CERTS = "keepsrc-certs"
+
+
+def _load_bootstraps() -> object:
+    """deploy/compose/bootstraps.py: what `keepsrc bootstrap` prints for each Envoy (regenerate-bootstraps runs it)."""
+    spec = importlib.util.spec_from_file_location("compose_bootstraps", ROOT / "deploy/compose/bootstraps.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bootstraps: Any = _load_bootstraps()
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,17 @@ class Service:
         result = {}
         for volume in self.spec.get("volumes", []):
             source, target = str(volume).split(":")[:2]
-            result[target] = (COMPOSE_FILE.parent / source).resolve()
+            if source.startswith((".", "/")):
+                result[target] = (COMPOSE_FILE.parent / source).resolve()
+        return result
+
+    def named_volumes(self) -> dict[str, str]:
+        """Container path -> named volume (`pki:/etc/keepsrc/pki:ro`), with `:ro` kept on the name."""
+        result = {}
+        for volume in self.spec.get("volumes", []):
+            source, target, *mode = str(volume).split(":")
+            if not source.startswith((".", "/")):
+                result[target] = source + "".join(f":{m}" for m in mode)
         return result
 
     def host_path(self, container_path: str) -> Path:
@@ -180,12 +201,69 @@ def test_envoy_bootstrap_is_what_keepsrc_prints_now(name: str) -> None:
     scenario, proxy = envoy_node(services()[name])
     server = f"keepsrc-{scenario}"
     assert server in services() and scenario in services()[server].profiles, f"{name}: no xDS server {server}"
-    argv = ["bootstrap", "--node", proxy.name, "--xds", f"{server}:{XDS_PORT}", "--admin", ENVOY_ADMIN]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(argv) == 0
     bootstrap = BOOTSTRAPS / f"{scenario}-{proxy.name}.yaml"
-    assert bootstrap.read_text() == out.getvalue(), f"{bootstrap} is stale: run {REGENERATE} and review the diff"
+    assert bootstraps.split(bootstrap) == (scenario, proxy.name)
+    assert bootstraps.arguments(scenario, proxy.name)[:5] == ["bootstrap", "--node", proxy.name, "--xds",
+                                                               f"{server}:18000"]
+    expected = bootstraps.render(scenario, proxy.name)
+    assert bootstrap.read_text() == expected, f"{bootstrap} is stale: run {REGENERATE} and review the diff"
+
+
+def _certs_script() -> str:
+    return "\n".join(services()[CERTS].command)
+
+
+def _flag_values(text: str, flag: str) -> list[str]:
+    return re.findall(rf"{flag}\s+(\S+)", text)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_keepsrc_serves_mutual_tls_from_the_certs_volume(scenario: str) -> None:
+    server = services()[f"keepsrc-{scenario}"]
+    assert "--insecure" not in server.command, f"{server.name}: plaintext xDS"
+    pki = bootstraps.PKI
+    assert (server.option("--tls-cert"), server.option("--tls-key"), server.option("--client-ca")) == (
+        f"{pki}/server.pem", f"{pki}/server-key.pem", f"{pki}/ca.pem"), server.command
+    assert server.named_volumes().get(pki) == f"{PKI_VOLUME}:ro", f"{server.name}: mount {PKI_VOLUME} at {pki}, ro"
+    assert server.spec.get("environment", {}).get("KEEPSRC_HEALTH_TLS") == pki, "its HEALTHCHECK must use TLS"
+    assert server.spec.get("depends_on", {}).get(CERTS) == {"condition": "service_completed_successfully"}
+    # The name every Envoy checks keepsrc's certificate for, and localhost for the HEALTHCHECK.
+    names = _flag_values(_certs_script(), "--server-name")
+    assert bootstraps.server_name(scenario) in names and "localhost" in names, names
+
+
+@pytest.mark.parametrize("name", ENVOYS)
+def test_envoy_shows_its_own_entry_certificate_from_the_volume(name: str) -> None:
+    service = services()[name]
+    scenario, proxy = envoy_node(service)
+    assert service.named_volumes().get(bootstraps.PKI) == f"{PKI_VOLUME}:ro", f"{name}: no {PKI_VOLUME} volume"
+    assert service.spec.get("depends_on", {}).get(CERTS) == {"condition": "service_completed_successfully"}, (
+        f"{name} must start after {CERTS} wrote the certificates its bootstrap names")
+    bootstrap = yaml.safe_load((BOOTSTRAPS / f"{scenario}-{proxy.name}.yaml").read_text())
+    (cluster,) = bootstrap["static_resources"]["clusters"]
+    context = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    (sds,) = context["tls_certificate_sds_secret_configs"]
+    certificate = f"{bootstraps.PKI}/proxies/{proxy.name}.pem"
+    assert sds["sds_config"]["path_config_source"]["path"] == f"{certificate}.keepsrc-sds.json"
+    assert context["validation_context"]["trusted_ca"]["filename"] == f"{bootstraps.PKI}/ca.pem"
+    # keepsrc-certs issues that certificate and writes the SDS file beside it (keepsrc bootstrap).
+    script = _certs_script()
+    assert proxy.name in _flag_values(script, "--proxy"), f"{CERTS} issues no certificate for {proxy.name}"
+    loop = re.search(r"for node in ([^;]+);", script)
+    assert loop and proxy.name in loop.group(1).split(), f"{CERTS} writes no SDS file for {proxy.name}"
+
+
+def test_the_certs_one_shot() -> None:
+    certs = services()[CERTS]
+    assert set(certs.profiles) == set(SCENARIOS), certs.profiles
+    assert certs.named_volumes() == {bootstraps.PKI: PKI_VOLUME}, "it writes the volume, and needs nothing else"
+    assert certs.spec.get("network_mode") == "none", "it needs no network"
+    script = _certs_script()
+    assert script.startswith(f"cd {bootstraps.PKI}\nkeepsrc certs . "), script
+    # Each private key to the one user that reads it: keepsrc's image user, and the Envoy image's.
+    assert "chown 10001:10001 server-key.pem admin-key.pem" in script and "chown 101:101 proxies/*-key.pem" in script
+    spec = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert PKI_VOLUME in spec.get("volumes", {}), f"no named volume {PKI_VOLUME}"
 
 
 def test_no_unused_bootstraps() -> None:
@@ -209,7 +287,8 @@ def test_addresses_are_unique_within_a_scenario(scenario: str) -> None:
     ips = [s.ip for s in in_scenario(scenario) if s.ip]
     assert len(ips) == len(set(ips)), f"{scenario}: an address is given twice: {sorted(ips)}"
     # Without a fixed address Docker picks one from the subnet, possibly one a later container needs.
-    loose = [s.name for s in in_scenario(scenario) if not s.ip and not s.netns_owner]
+    loose = [s.name for s in in_scenario(scenario)
+             if not s.ip and not s.netns_owner and s.spec.get("network_mode") != "none"]
     assert not loose, f"{scenario}: services with neither ipv4_address nor network_mode service: {loose}"
 
 
@@ -336,14 +415,15 @@ def test_the_lab_network_reaches_nothing_else() -> None:
     assert not published, f"services publishing ports to the host: {published}"
 
 
-def test_keepsrc_runs_unprivileged_except_the_netplan() -> None:
+def test_keepsrc_runs_unprivileged_except_the_netplan_and_certs() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
     assert users and users[-1] not in ("root", "0"), f"Dockerfile's last USER: {users}"
     assert re.search(r"^HEALTHCHECK\s.*grpc_health", dockerfile, re.MULTILINE), "Dockerfile has no gRPC HEALTHCHECK"
     for name in names(lambda s: s.spec.get("image") == "keepsrc:compose"):
         service = services()[name]
-        is_netplan = service.command[:1] == ["netplan"]
+        # The netplan needs NET_ADMIN; keepsrc-certs hands each private key to the user that reads it.
+        is_netplan = service.command[:1] == ["netplan"] or name == CERTS
         assert (service.spec.get("user") == "root") == is_netplan, f"{name}: user {service.spec.get('user')}"
         # The image's HEALTHCHECK asks keepsrc serve; anything else must switch it off.
         is_server = service.command[:1] == ["serve"]

@@ -9,8 +9,9 @@ HAProxy, nginx and Python images where a pull works, else local stand-ins under 
 built from Dockerfile by docker-compose (deploy/compose/podman.yml: with the host's network).
 
 Per scenario the backend must report the client, 198.18.0.10, and each negative path (no PROXY
-protocol, a forged X-Forwarded-For, the TCP peer behind a proxy) the proxy's address. Before and
-after the module: the same containers, networks, links and iptables rules; the chains netavark
+protocol, a forged X-Forwarded-For, the TCP peer behind a proxy) the proxy's address; every Envoy's
+xDS connection must be TLS (keepsrc-certs' certificates), and plaintext to keepsrc refused. Before and
+after the module: the same containers, networks, volumes, links and iptables rules; the chains netavark
 creates and never removes (NETAVARK_*) are removed here when they were not there before.
 """
 
@@ -83,6 +84,7 @@ def _iptables_save(binary: str) -> dict[str, list[str]]:
 class HostState:
     containers: frozenset[str]
     networks: frozenset[str]
+    volumes: frozenset[str]
     links: frozenset[str]
     iptables: tuple[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], ...]
 
@@ -90,16 +92,17 @@ class HostState:
     def read(cls, podman: str) -> HostState:
         containers = _run([podman, "ps", "-a", "--format", "{{.Names}}"], check=True).stdout.split()
         networks = _run([podman, "network", "ls", "--format", "{{.Name}}"], check=True).stdout.split()
+        volumes = _run([podman, "volume", "ls", "--format", "{{.Name}}"], check=True).stdout.split()
         links = [line.split(":")[1].strip().split("@")[0] for line in _run(["ip", "-o", "link"]).stdout.splitlines()]
         iptables = tuple(
             (binary, tuple((table, tuple(lines)) for table, lines in sorted(_iptables_save(binary).items())))
             for binary in ("iptables-save", "ip6tables-save")
         )
-        return cls(frozenset(containers), frozenset(networks), frozenset(links), iptables)
+        return cls(frozenset(containers), frozenset(networks), frozenset(volumes), frozenset(links), iptables)
 
     def differences(self, after: HostState) -> list[str]:
         found = []
-        for field in ("containers", "networks", "links"):
+        for field in ("containers", "networks", "volumes", "links"):
             added = getattr(after, field) - getattr(self, field)
             if added:
                 found.append(f"{field} left behind: {sorted(added)}")
@@ -177,7 +180,7 @@ class Engine:
         return result.stdout.split()
 
     def down(self, profile: str) -> None:
-        """Stop and remove the profile's containers and network.
+        """Stop and remove the profile's containers, network and volume (keepsrc-certs' CA and certificates).
 
         podman refuses to remove a container whose network namespace others share (`network_mode:
         service:X`) while they exist, and docker-compose removes them all at once: so the sharers
@@ -186,9 +189,9 @@ class Engine:
         sharers = [name for name in self.services(profile) if _shares_netns(name)]
         if sharers:
             self.compose("rm", "--stop", "--force", *sharers, profile=profile)
-        first = self.compose("down", "--remove-orphans", "--timeout", "5", profile=profile)
+        first = self.compose("down", "--volumes", "--remove-orphans", "--timeout", "5", profile=profile)
         if first.returncode != 0:
-            second = self.compose("down", "--remove-orphans", "--timeout", "5", profile=profile)
+            second = self.compose("down", "--volumes", "--remove-orphans", "--timeout", "5", profile=profile)
             assert second.returncode == 0, f"docker-compose down failed twice:\n{first.stderr}\n{second.stderr}"
 
     def services(self, profile: str) -> list[str]:
@@ -214,6 +217,8 @@ def _sweep_an_earlier_run(podman: str) -> None:
         _run([podman, "rm", "--force", "--depend", *leftovers], timeout=120)
     if f"{PROJECT}_lab" in _run([podman, "network", "ls", "--format", "{{.Name}}"]).stdout.split():
         _run([podman, "network", "rm", "--force", f"{PROJECT}_lab"])
+    if f"{PROJECT}_pki" in _run([podman, "volume", "ls", "--format", "{{.Name}}"]).stdout.split():
+        _run([podman, "volume", "rm", "--force", f"{PROJECT}_pki"])
 
 
 def _wait_for_socket(socket: Path, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -370,6 +375,39 @@ def check_external_tcp(engine: Engine) -> list[Row]:
              f"backend:app-b client:{CLIENT} hello")]
 
 
+# Run in the client container (keepsrc's image): gRPC health in plaintext to keepsrc's xDS port.
+PLAINTEXT_HEALTH = (
+    "import grpc; from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc\n"
+    "try:\n"
+    "    print(pb.HealthCheckResponse.ServingStatus.Name(rpc.HealthStub(grpc.insecure_channel('{target}'))"
+    ".Check(pb.HealthCheckRequest(), timeout=5).status))\n"
+    "except grpc.RpcError as exc:\n"
+    "    print(exc.code().name)\n"
+)
+
+
+def check_mutual_tls(engine: Engine, profile: str) -> list[Row]:
+    """Every Envoy's xDS connection is TLS (its certificate from keepsrc-certs' volume); plaintext is refused."""
+    envoys = [str(spec["networks"]["lab"]["ipv4_address"]) for spec in _compose_spec().values()  # type: ignore[index]
+              if profile in spec.get("profiles", []) and str(spec.get("image", "")).startswith("envoyproxy/")]
+
+    def over_tls(ip: str) -> bool:
+        wanted = "^(cluster.keepsrc_xds.ssl.handshake|control_plane.connected_state)$"
+        stats = engine.exec_client(profile, f"curl -sG --max-time 5 --data-urlencode 'filter={wanted}' {ip}:9901/stats")
+        values = dict(line.split(": ", 1) for line in stats.splitlines() if ": " in line)
+        return int(values.get("cluster.keepsrc_xds.ssl.handshake", "0")) >= 1 and values.get(
+            "control_plane.connected_state") == "1"
+
+    tls = [ip for ip in envoys if over_tls(ip)]
+    script = PLAINTEXT_HEALTH.format(target=f"keepsrc-{profile}:18000")
+    plaintext = engine.exec_client(profile, f"python -c {shlex.quote(script)}").strip()
+    return [
+        ("xDS: Envoys connected to keepsrc over TLS", f"{len(tls)} of {len(envoys)}",
+         f"{len(envoys)} of {len(envoys)}"),
+        ("  negative: plaintext gRPC to keepsrc's xDS port", plaintext, "UNAVAILABLE"),
+    ]
+
+
 CHECKS: dict[str, Callable[[Engine], list[Row]]] = {
     "inner-http": check_inner_http,
     "external-http": check_external_http,
@@ -391,7 +429,7 @@ def test_compose_up_shows_the_client_address(engine: Engine, scenario: str) -> N
     try:
         assert up.returncode == 0, f"docker-compose --profile {scenario} up -d failed:\n{up.stderr}"
         up_seconds = time.monotonic() - started
-        rows = CHECKS[scenario](engine)
+        rows = CHECKS[scenario](engine) + check_mutual_tls(engine, scenario)
         print(f"\n{scenario}: up -d in {up_seconds:.1f} s\n{_table(rows)}")
         if any(seen != want for _, seen, want in rows):
             logs = engine.compose("logs", "--no-color", "--tail", "40", profile=scenario).stdout
@@ -415,3 +453,5 @@ def test_compose_up_shows_the_client_address(engine: Engine, scenario: str) -> N
     assert engine.project_containers() == [], "containers left after docker-compose down"
     networks = _run([engine.podman, "network", "ls", "--format", "{{.Name}}"]).stdout.split()
     assert f"{PROJECT}_lab" not in networks, "the lab network is left after docker-compose down"
+    volumes = _run([engine.podman, "volume", "ls", "--format", "{{.Name}}"]).stdout.split()
+    assert f"{PROJECT}_pki" not in volumes, "the certificates' volume is left after docker-compose down --volumes"

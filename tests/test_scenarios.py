@@ -1,5 +1,6 @@
 """The talk's four scenarios end to end: real Envoys served by `keepsrc serve`, HAProxy, nginx and
-backends in network namespaces; every row of `keepsrc demo` must PASS, negatives included."""
+backends in network namespaces; every row of `keepsrc demo` must PASS, negatives included. Every
+deployment serves xDS over mutual TLS (scenario 12 shows who is served what)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 from keepsrc.demo.cli import render_table, run_scenarios
 from keepsrc.demo.hosts import LoopbackNetwork, NamespaceNetwork
 from keepsrc.demo.netns import list_namespaces, sweep_leftovers
-from keepsrc.demo.scenarios import SCENARIOS
+from keepsrc.demo.scenarios import SCENARIOS, Demo, example
+from keepsrc.demo.xds_mtls import health
 from tests.support.envoy import envoy_path
 from tests.support.strict import require_binary, require_root
 
@@ -59,6 +61,26 @@ def test_loopback_mode_runs_what_loopback_allows(tmp_path: Path) -> None:
     assert {s.scenario for s in skips} == {"1 inner HTTP", "3 inner TCP", "5 deny by client IP",
                                            "6 sticky by client IP", "7 UDP (SIP)"}
     assert all(s.reason for s in skips)
+
+
+def test_every_deployment_serves_xds_over_mutual_tls(tmp_path: Path) -> None:
+    """By default, not only in scenario 12: serve with --tls-cert/--tls-key/--client-ca, each Envoy
+    connected over TLS with its own entry's certificate, plaintext refused."""
+    envoy_path()
+    network = LoopbackNetwork()
+    try:
+        demo = Demo(network, tmp_path)
+        with demo.deploy("mtls-default", example("external-http.yaml"), [("svc-b", "http", "127.0.0.1:8080")]) as d:
+            assert d.pki is not None and d.socket_path is not None
+            assert sorted(e.name for e in d.envoys) == ["mtls-default-ingress", "mtls-default-svc-b"]
+            for envoy in d.envoys:
+                assert (envoy.stat("cluster.keepsrc_xds.ssl.handshake") or 0) >= 1, envoy.name
+                assert envoy.stat("control_plane.connected_state") == 1, envoy.name
+            assert health(d.socket_path, None) == "UNAVAILABLE"
+            assert health(d.socket_path, d.pki.credentials(None)) == "UNAVAILABLE"  # no client certificate
+            assert health(d.socket_path, d.pki.credentials()) == "SERVING"
+    finally:
+        network.close()
 
 
 def test_demo_command_prints_the_table_and_exits_0(tmp_path: Path) -> None:

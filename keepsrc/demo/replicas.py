@@ -1,5 +1,7 @@
 """Demo rows for replicas: etcd, two `keepsrc serve --store etcd://...` replicas and an Envoy whose
-bootstrap lists both, on loopback (the client address plays no part here, so no namespaces).
+bootstrap lists both, on loopback (the client address plays no part here, so no namespaces). xDS is
+mutual TLS, as in every scenario: the Envoy has the ingress's certificate; health and CSDS are asked
+with the admin's.
 
 A push reaches both replicas and the Envoy; SIGKILL of the replica the Envoy is on is a non-event
 for it: no failed connection while it moves, nothing applied.
@@ -18,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keepsrc.demo.envoy import Envoy, free_port
 from keepsrc.demo.netns import stop_processes, wait_for
+from keepsrc.demo.xds_mtls import SERVER_NAME, XdsPki
 from keepsrc.server.status import fetch_replica
 from keepsrc.snapshots.bootstrap import xds_bootstrap
 from keepsrc.snapshots.render import to_dict
@@ -60,25 +63,27 @@ def _tcp(port: int) -> str:
     return reply.decode().split()[0] if reply else "refused"
 
 
-def _serving(target: str) -> bool:
+def _serving(target: str, pki: XdsPki) -> bool:
     try:
-        with grpc.insecure_channel(target) as channel:
+        with grpc.secure_channel(target, pki.credentials(), [("grpc.ssl_target_name_override", SERVER_NAME)]) \
+                as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
     except grpc.RpcError:
         return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def _revision(target: str) -> int | None:
+def _revision(target: str, pki: XdsPki) -> int | None:
     try:
-        return fetch_replica(target, timeout=2).revision
+        return fetch_replica(target, 2, credentials=pki.credentials(), server_name=SERVER_NAME).revision
     except grpc.RpcError:
         return None
 
 
-def _holds_node(target: str) -> bool:
+def _holds_node(target: str, pki: XdsPki) -> bool:
     try:
-        return any(c.node.id == "ingress" for c in fetch_replica(target, timeout=2).response.config)
+        status = fetch_replica(target, 2, credentials=pki.credentials(), server_name=SERVER_NAME)
+        return any(c.node.id == "ingress" for c in status.response.config)
     except grpc.RpcError:
         return False
 
@@ -131,15 +136,17 @@ def replicas(demo: Demo) -> list[Row]:
 
         wait_for(first_push, 20, "etcd to take the first push")
         targets = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+        pki = XdsPki(work / "pki", ["ingress"])
+        pki.write()
         replica_procs = {
             target: start(f"replica-{i}", sys.executable, "-m", "keepsrc", "serve", "--store", store,
-                          "--listen", target)
+                          "--listen", target, *pki.serve_arguments())
             for i, target in enumerate(targets)
         }
-        wait_for(lambda: all(_serving(t) for t in targets), 30, "both replicas SERVING")
+        wait_for(lambda: all(_serving(t, pki) for t in targets), 30, "both replicas SERVING")
         addresses = [SocketAddress("127.0.0.1", int(t.rsplit(":", 1)[1])) for t in targets]
-        envoy = Envoy(to_dict(xds_bootstrap("ingress", addresses, SocketAddress("127.0.0.1", 0))), work,
-                      name="replicas-ingress")
+        bootstrap = xds_bootstrap("ingress", addresses, SocketAddress("127.0.0.1", 0), tls=pki.envoy_tls("ingress"))
+        envoy = Envoy(to_dict(bootstrap), work, name="replicas-ingress")
         envoy.start()
         envoy.wait_ready(timeout=30)
         wait_for(lambda: _tcp(listen) == "backend:t1", 20, "traffic through the Envoy")
@@ -147,13 +154,13 @@ def replicas(demo: Demo) -> list[Row]:
                     "backend:t1")]
 
         revision = push("t2")
-        wait_for(lambda: all(_revision(t) == revision for t in targets) and _tcp(listen) == "backend:t2", 20,
+        wait_for(lambda: all(_revision(t, pki) == revision for t in targets) and _tcp(listen) == "backend:t2", 20,
                  "the push on both replicas and the Envoy")
         rows.append(Row(NAME, "  keepsrc push: both replicas at its revision, the Envoy follows",
-                        f"{'/'.join(str(_revision(t)) for t in targets)} {_tcp(listen)}",
+                        f"{'/'.join(str(_revision(t, pki)) for t in targets)} {_tcp(listen)}",
                         f"{revision}/{revision} backend:t2"))
 
-        on = next(t for t in targets if _holds_node(t))
+        on = next(t for t in targets if _holds_node(t, pki))
         other = next(t for t in targets if t != on)
         before = {name: envoy.stat(name) for name in UPDATES}
         failures: list[str] = []
@@ -170,7 +177,7 @@ def replicas(demo: Demo) -> list[Row]:
         try:
             replica_procs[on].kill()
             replica_procs[on].wait(10)
-            wait_for(lambda: _holds_node(other), 30, "the Envoy on the other replica")
+            wait_for(lambda: _holds_node(other, pki), 30, "the Envoy on the other replica")
             wait_for(lambda: len(answers) > 20, 10, "traffic after the move")
         finally:
             stop.set()

@@ -21,11 +21,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from keepsrc.demo.backends import seen_source
-from keepsrc.demo.envoy import Envoy
+from keepsrc.demo.envoy import Envoy, free_port
 from keepsrc.demo.hosts import Host, Network
 from keepsrc.demo.netns import stop_processes, wait_for
 from keepsrc.demo.replicas import replicas
 from keepsrc.demo.tls_scenarios import NGINX_TLS_CONF, DemoPki, TlsReply, tls_exchange
+from keepsrc.demo.xds_mtls import XdsPki, xds_mtls
 from keepsrc.snapshots.bootstrap import xds_bootstrap
 from keepsrc.snapshots.render import to_dict
 from keepsrc.topology import SocketAddress, load_topology
@@ -155,6 +156,10 @@ class Deployment:
     processes: list[subprocess.Popen[Any]] = field(default_factory=list)
     netplans: list[tuple[Host, Path, str]] = field(default_factory=list)
     topology_path: Path | None = None  # the file `keepsrc serve` watches: edit it to push a change
+    socket_path: Path | None = None  # where `keepsrc serve` serves xDS (mutual TLS)
+    pki: XdsPki | None = None  # the certificates of that mutual TLS
+    server_log: Path | None = None
+    metrics_port: int | None = None  # keepsrc serve --metrics 127.0.0.1:PORT, when asked for
 
     def envoy(self, node: str) -> Envoy:
         return next(e for e in self.envoys if e.name == f"{self.name}-{node}")
@@ -177,41 +182,61 @@ class Demo:
     @contextlib.contextmanager
     def deploy(self, name: str, topology_text: str, backends: Sequence[tuple[str, ...]] = (),
                haproxy: list[tuple[list[str], str, str]] = (),  # type: ignore[assignment]
-               nginx: str | None = None, netplan: bool = True) -> Iterator[Deployment]:
+               nginx: str | None = None, netplan: bool = True, metrics: bool = False) -> Iterator[Deployment]:
         """Serve `topology_text` and start every proxy in it on the host of the same name.
 
         backends: (host, kind, address, *more arguments) run as `python -m keepsrc.demo.backends`;
         haproxy: (binds, target, "send-proxy-v2" | "send-proxy" | "") frontends on the lb host;
         nginx: an address on svc-b where nginx accepts PROXY protocol;
-        netplan: apply `keepsrc netplan` on original_src nodes (off only for a negative row).
+        netplan: apply `keepsrc netplan` on original_src nodes (off only for a negative row);
+        metrics: `keepsrc serve --metrics` on a free port of 127.0.0.1 (Deployment.metrics_port).
+
+        xDS runs over mutual TLS, as in production: `keepsrc certs`' files (write_pki) for the
+        topology's proxy entries in the work directory, `serve --tls-cert/--tls-key/--client-ca`,
+        and each Envoy's bootstrap with its own entry's certificate (XdsTls), on a unix socket.
         """
         deployment = Deployment(self, name)
         try:
-            self._start(deployment, name, self.network.translate(topology_text), backends, haproxy, nginx, netplan)
+            self._start(deployment, name, self.network.translate(topology_text), backends, haproxy, nginx, netplan,
+                        metrics)
             yield deployment
         finally:
             deployment.stop()
 
     def _start(self, deployment: Deployment, name: str, text: str, backends: Sequence[tuple[str, ...]],
-               haproxy: list[tuple[list[str], str, str]], nginx: str | None, netplan: bool) -> None:
+               haproxy: list[tuple[list[str], str, str]], nginx: str | None, netplan: bool, metrics: bool) -> None:
         path = self.workdir / f"{name}.yaml"
         path.write_text(text)
         deployment.topology_path = path
         topology = load_topology(path)
         socket_path = self.workdir / f"{name}.sock"
         socket_path.unlink(missing_ok=True)
-        server_log = (self.workdir / f"{name}.server.log").open("w")
-        deployment.processes.append(subprocess.Popen(
-            [sys.executable, "-m", "keepsrc", "serve", str(path), "--listen", f"unix:{socket_path}"],
-            stdout=server_log, stderr=subprocess.STDOUT,
-        ))
-        wait_for(socket_path.exists, 15, f"keepsrc serve on {socket_path}")
+        deployment.socket_path = socket_path
+        pki = deployment.pki = XdsPki(self.workdir / f"{name}.pki", list(topology.proxies))
+        pki.write()
+        deployment.server_log = self.workdir / f"{name}.server.log"
+        extra: list[str] = []
+        if metrics:
+            deployment.metrics_port = free_port()
+            extra = ["--metrics", f"127.0.0.1:{deployment.metrics_port}"]
+        with deployment.server_log.open("w") as server_log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "keepsrc", "serve", str(path), "--listen", f"unix:{socket_path}",
+                 *pki.serve_arguments(), *extra],
+                stdout=server_log, stderr=subprocess.STDOUT,
+            )
+        deployment.processes.append(server)
+        wait_for(lambda: socket_path.exists() or server.poll() is not None, 30, f"keepsrc serve on {socket_path}")
+        if server.poll() is not None:
+            tail = deployment.server_log.read_text(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"keepsrc serve exited {server.returncode}: {tail}")
         for host_name, kind, address, *arguments in backends:
             self._backend(deployment, self.network.host(host_name), kind, self.network.translate(address), arguments)
         for node, proxy in topology.proxies.items():
             host = self.network.host(node)
             self.progress(f"  starting Envoy {node}")
-            bootstrap = to_dict(xds_bootstrap(node, PurePosixPath(socket_path), SocketAddress("127.0.0.1", 0)))
+            bootstrap = to_dict(xds_bootstrap(node, PurePosixPath(socket_path), SocketAddress("127.0.0.1", 0),
+                                              tls=pki.envoy_tls(node)))
             envoy = Envoy(bootstrap, self.workdir, name=f"{name}-{node}", netns=self.network.netns_of(node))
             deployment.envoys.append(envoy)
             envoy.start()
@@ -796,4 +821,6 @@ SCENARIOS = (
     # Replicas share one etcd on loopback in both modes: the rows are about failover, not addresses.
     Scenario("11 replicas on etcd", replicas, needs=("etcd",), loopback=replicas, loopback_needs=("etcd",),
              about_the_address=False),
+    # Who may get which config: one keepsrc and two Envoys on the demo's hosts, in both modes.
+    Scenario("12 mTLS to keepsrc", xds_mtls, loopback=xds_mtls, about_the_address=False),
 )
