@@ -148,7 +148,13 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             args.parser.error("--tls-ca, --tls-cert and --tls-key go together (mutual TLS)")
         tls = XdsTls(str(Path(args.tls_ca).resolve()), str(Path(args.tls_cert).resolve()),
                      str(Path(args.tls_key).resolve()), args.tls_server_name)
-        write_secret_file(tls.certificate())  # what the bootstrap's SDS config points at
+        try:
+            write_secret_file(tls.certificate())  # what the bootstrap's SDS config points at
+        except OSError as exc:
+            # A bootstrap made for another host: the SDS file must be made there, beside the certificate.
+            print(f"keepsrc bootstrap: cannot write the SDS file beside {args.tls_cert} ({exc.strerror or exc}); "
+                  "run `keepsrc bootstrap` with the same --tls-* options on the Envoy's host, where the "
+                  "certificate is, to write it", file=sys.stderr)
     bootstrap = xds_bootstrap(
         args.node, xds, args.admin, XdsApi(args.api), XdsTransport(args.transport), args.cluster, args.replicas, tls
     )
