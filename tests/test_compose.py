@@ -35,6 +35,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 BOOTSTRAPS = ROOT / "deploy/compose/bootstrap"
 REGENERATE = "deploy/compose/regenerate-bootstraps"
 SCENARIOS = ("inner-http", "external-http", "inner-tcp", "external-tcp")
+REPLICAS = "replicas"  # not a scenario: two `keepsrc serve --store etcd://...` and one Envoy listing both
 PKI_VOLUME = "pki"
 CERTS = "keepsrc-certs"
 
@@ -255,7 +256,7 @@ def test_envoy_shows_its_own_entry_certificate_from_the_volume(name: str) -> Non
 
 def test_the_certs_one_shot() -> None:
     certs = services()[CERTS]
-    assert set(certs.profiles) == set(SCENARIOS), certs.profiles
+    assert set(certs.profiles) == {*SCENARIOS, REPLICAS}, certs.profiles
     assert certs.named_volumes() == {bootstraps.PKI: PKI_VOLUME}, "it writes the volume, and needs nothing else"
     assert certs.spec.get("network_mode") == "none", "it needs no network"
     script = _certs_script()
@@ -267,7 +268,8 @@ def test_the_certs_one_shot() -> None:
 
 
 def test_no_unused_bootstraps() -> None:
-    used = {services()[name].mounts()["/etc/envoy/envoy.yaml"] for name in ENVOYS}
+    envoys = ENVOYS + [s.name for s in in_scenario(REPLICAS) if s.is_envoy]
+    used = {services()[name].mounts()["/etc/envoy/envoy.yaml"] for name in envoys}
     unused = set(BOOTSTRAPS.glob("*.yaml")) - used
     assert not unused, f"bootstraps no Envoy in docker-compose.yml mounts: {sorted(map(str, unused))}"
 
@@ -401,6 +403,7 @@ def test_every_image_has_a_stand_in() -> None:
         [str(ROOT / "scripts/build-standin-images"), "--list"], capture_output=True, text=True, timeout=30, check=True
     ).stdout.split()
     wanted = {_qualified(services()[name].image) for name in names(lambda s: "build" not in s.spec)}
+    wanted |= {_qualified(s.image) for s in in_scenario(REPLICAS) if "build" not in s.spec}
     wanted |= {_qualified(line.split()[1]) for line in (ROOT / "Dockerfile").read_text().splitlines()
                if line.startswith("FROM ")}
     assert wanted <= set(listed), f"no stand-in for {sorted(wanted - set(listed))}"
@@ -429,3 +432,67 @@ def test_keepsrc_runs_unprivileged_except_the_netplan_and_certs() -> None:
         is_server = service.command[:1] == ["serve"]
         disabled = (service.spec.get("healthcheck") or {}).get("disable") is True
         assert disabled != is_server, f"{name}: healthcheck {'off' if disabled else 'on'}"
+
+
+# -- the profile `replicas`: etcd, a one-shot push into it, two replicas, one Envoy listing both ---------
+def _replicas(predicate: Callable[[Service], bool]) -> list[Service]:
+    return [s for s in in_scenario(REPLICAS) if predicate(s)]
+
+
+def test_replicas_profile_push_replicas_and_envoy() -> None:
+    (etcd,) = _replicas(lambda s: s.image.startswith("gcr.io/etcd-development/etcd:"))
+    (push,) = _replicas(lambda s: "keepsrc push" in "\n".join(s.command))
+    assert push.netns_owner == etcd.name, "replicas-push reaches etcd on 127.0.0.1:2379, in its network namespace"
+    assert "--store etcd://127.0.0.1:2379/keepsrc/replicas" in "\n".join(push.command)
+    topologies = push.mounts()["/etc/keepsrc/replicas"]
+    for name in ("topology.yaml", "topology-v2.yaml"):
+        assert "ingress" in list(load_topology(topologies / name).proxies), f"{name}: no proxy entry ingress"
+    servers = _replicas(lambda s: s.command[:1] == ["serve"])
+    assert [s.name for s in servers] == list(bootstraps.REPLICA_SERVERS)
+    for server in servers:
+        assert server.option("--store") == f"etcd://{etcd.name}:2379/keepsrc/replicas", server.command
+        assert "--insecure" not in server.command
+        pki = bootstraps.PKI
+        assert (server.option("--tls-cert"), server.option("--tls-key"), server.option("--client-ca")) == (
+            f"{pki}/server.pem", f"{pki}/server-key.pem", f"{pki}/ca.pem"), server.command
+        assert server.named_volumes().get(pki) == f"{PKI_VOLUME}:ro"
+        assert server.mounts()["/etc/keepsrc/replicas"] == topologies, "to push topology-v2.yaml from a replica"
+        assert server.spec.get("environment", {}).get("KEEPSRC_HEALTH_TLS") == pki
+        assert server.spec["depends_on"] == {CERTS: {"condition": "service_completed_successfully"},
+                                             push.name: {"condition": "service_completed_successfully"}}
+        assert "healthcheck" not in server.spec and "user" not in server.spec, "the image's user and HEALTHCHECK"
+    assert bootstraps.server_name(REPLICAS) in _flag_values(_certs_script(), "--server-name")
+    (envoy,) = _replicas(lambda s: s.is_envoy)
+    bootstrap = envoy.mounts()["/etc/envoy/envoy.yaml"]
+    scenario, node = bootstraps.split(bootstrap)
+    assert (scenario, bootstrap.parent) == (REPLICAS, BOOTSTRAPS)
+    assert bootstrap.read_text() == bootstraps.render(scenario, node), f"{bootstrap} is stale: run {REGENERATE}"
+    assert envoy.named_volumes().get(bootstraps.PKI) == f"{PKI_VOLUME}:ro"
+    assert set(envoy.spec["depends_on"]) == {CERTS, *bootstraps.REPLICA_SERVERS}
+    script = _certs_script()
+    loop = re.search(r"for node in ([^;]+);", script)
+    assert node in _flag_values(script, "--proxy") and loop and node in loop.group(1).split()
+    for name in ("topology.yaml", "topology-v2.yaml"):
+        (listener,) = load_topology(topologies / name).proxies[node].listeners
+        assert listener.address.host == envoy.ip, f"{name}: the Envoy ({envoy.ip}) could not bind {listener.address}"
+    # Both topologies' endpoints have a backend in the Envoy's network namespace.
+    backends = _replicas(lambda s: s.spec.get("entrypoint", [])[-1:] == ["keepsrc.demo.backends"])
+    assert all(b.netns_owner == envoy.name for b in backends)
+    endpoints = {str(e) for name in ("topology.yaml", "topology-v2.yaml")
+                 for svc in load_topology(topologies / name).services.values() for e in svc.endpoints}
+    assert endpoints == {b.command[1] for b in backends}, endpoints
+
+
+def test_replicas_profile_addresses() -> None:
+    ips = [s.ip for s in in_scenario(REPLICAS) if s.ip]
+    assert len(ips) == len(set(ips)), f"an address is given twice: {sorted(ips)}"
+    loose = [s.name for s in in_scenario(REPLICAS)
+             if not s.ip and not s.netns_owner and s.spec.get("network_mode") != "none"]
+    assert not loose, f"services with neither ipv4_address nor network_mode service: {loose}"
+    assert not [s.name for s in in_scenario(REPLICAS) if s.spec.get("ports")], "no port is published"
+    for service in _replicas(lambda s: s.spec.get("image") == "keepsrc:compose"):
+        is_server = service.command[:1] == ["serve"]
+        disabled = (service.spec.get("healthcheck") or {}).get("disable") is True
+        assert disabled != is_server, f"{service.name}: healthcheck {'off' if disabled else 'on'}"
+        assert service.spec.get("user") in (None, "root") and (service.spec.get("user") == "root") == (
+            service.name == CERTS), f"{service.name}: runs as {service.spec.get('user')}"
