@@ -10,7 +10,7 @@ import logging
 import signal
 from pathlib import Path
 
-from keepsrc.server import logs, metrics
+from keepsrc.server import csds, logs, metrics, workers
 from keepsrc.server.auth import DEFAULT_TRUST_DOMAIN, Authorizer, ServerTls
 from keepsrc.server.cache import SnapshotCache
 from keepsrc.server.reload import TopologySource
@@ -82,6 +82,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unix-mode", type=lambda text: int(text, 8), default=0o660, metavar="OCTAL",
                         help="permissions of a unix:/path socket (default: 0660)")
     parser.add_argument("--unix-group", metavar="GROUP", help="group of a unix:/path socket")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="server processes sharing the port (SO_REUSEPORT), each holding its share of the "
+                        "Envoys; a worker that exits is started again (default: one per core; 1 on a unix socket)")
+    # Set by the supervisor on the processes it starts (see workers.py).
+    parser.add_argument("--worker", type=workers.Worker.parse, help=argparse.SUPPRESS)
     parser.set_defaults(parser=parser)
 
 
@@ -110,11 +115,23 @@ def _local(listen: str) -> bool:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.worker is not None:
+        args = args.worker.arguments(args)
     if args.topology is not None and args.store is not None:
         args.parser.error(f"serve either {args.topology} or --store {args.store}, not both")
+    count = workers.default_workers(args.listen) if args.workers is None else args.workers
+    if count < 1:
+        args.parser.error("--workers must be at least 1")
     store = store_from_args(args.parser, args, args.store or args.topology)
     logs.configure(args.log_level, args.log_format)
-    if args.metrics:
+    if count > 1 and args.worker is None:
+        _security(args)  # a usage error stops here, not in every worker
+        return workers.supervise(args, count)
+    if args.worker is not None:
+        args.worker.die_with_supervisor()
+        # The supervisor serves /metrics for all; this worker's go to the run directory.
+        metrics.for_worker(args.worker.index)
+    elif args.metrics:
         try:
             metrics.serve_metrics(args.metrics)
         except (OSError, ValueError) as exc:
@@ -130,18 +147,26 @@ async def _serve(args: argparse.Namespace, store: Store) -> int:
     # A file must load before anything is served: a typo fails the start, where it is seen. A
     # shared store is another matter: a replica starts whatever it holds (empty, invalid,
     # unreachable), says NOT_SERVING and refuses streams until it has a topology, and keeps trying.
+    worker: workers.Worker | None = args.worker
     if isinstance(store, LocalStore) and not source.load():
-        return 2
+        if worker is None or worker.starts == 0:
+            return 2
+        # A worker started again after a crash, with the file broken since: exiting would only
+        # crash-loop. It waits, NOT_SERVING, for a good file; the other workers keep serving.
+        log.error("worker %d: %s does not load; NOT_SERVING until it does", worker.index, store.name)
     tls, authorizer = _security(args)
     if tls is None and not _local(args.listen):
         log.warning("serving PLAINTEXT on %s (--insecure): anyone who can reach it is served every proxy's "
                     "config; use --tls-cert/--tls-key/--client-ca", args.listen)
     try:
-        server = await start(cache, args.listen, tls, authorizer, args.unix_mode, args.unix_group)
+        server = await start(cache, args.listen, tls, authorizer, args.unix_mode, args.unix_group, worker=worker)
+        private = None if worker is None else await csds.serve_private(cache, worker.socket)
     except (OSError, LookupError) as exc:
         log.error("%s", exc)
         return 1
-    if not isinstance(store, LocalStore):
+    if worker is not None:
+        worker.mark_started()
+    if not cache.loaded:
         log.info("serving %s; NOT_SERVING until a topology is loaded from it", store.name)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -152,6 +177,8 @@ async def _serve(args: argparse.Namespace, store: Store) -> int:
     await stop.wait()
     log.info("shutting down: closing every stream")
     await server.stop(grace=1.0)
+    if private is not None:
+        await private.stop(None)
     await watcher
     await store.close()
     return 0

@@ -6,6 +6,9 @@ tool (e.g. istioctl-style dashboards) read the same thing.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import grpc
 from envoy.admin.v3 import config_dump_shared_pb2
 from envoy.config.core.v3 import base_pb2
@@ -17,8 +20,13 @@ from keepsrc.server.auth import Authorizer, admin_identity, peer_identity
 from keepsrc.server.cache import SnapshotCache
 from keepsrc.snapshots.snapshot import TYPE_ORDER
 
+log = logging.getLogger("keepsrc.server")
+
 SERVICE = "envoy.service.status.v3.ClientStatusDiscoveryService"
 REVISION_METADATA = "keepsrc-revision"
+# Every node of a large fleet is ~350 bytes of status: 10,000 are more than gRPC's default 4 MiB.
+UNLIMITED_RECEIVE = [("grpc.max_receive_message_length", -1)]
+PEER_TIMEOUT_S = 5.0
 
 
 def client_status(cache: SnapshotCache) -> csds_pb2.ClientStatusResponse:
@@ -48,8 +56,54 @@ def client_status(cache: SnapshotCache) -> csds_pb2.ClientStatusResponse:
     return response
 
 
-def handler(cache: SnapshotCache, authorizer: Authorizer | None = None) -> grpc.GenericRpcHandler:
-    """CSDS lists every node and its NACK texts: with an `authorizer` (TLS), for admins only."""
+async def _with_peers(cache: SnapshotCache, peers: tuple[str, ...],
+                      channels: dict[str, grpc.aio.Channel]) -> tuple[csds_pb2.ClientStatusResponse, int | None]:
+    """This worker's nodes and every other worker's (asked on its private socket), by node id,
+    and the oldest store revision any of them serves. A worker that does not answer (being
+    started again) is left out, with a warning: its Envoys are reconnecting anyway."""
+    async def ask(peer: str) -> tuple[csds_pb2.ClientStatusResponse, int | None]:
+        channel = channels.get(peer)
+        if channel is None:
+            channel = channels[peer] = grpc.aio.insecure_channel(peer, options=UNLIMITED_RECEIVE)
+        call = channel.unary_unary(f"/{SERVICE}/FetchClientStatus",
+                                   request_serializer=csds_pb2.ClientStatusRequest.SerializeToString,
+                                   response_deserializer=csds_pb2.ClientStatusResponse.FromString)(
+            csds_pb2.ClientStatusRequest(), timeout=PEER_TIMEOUT_S)
+        revision = dict(await call.initial_metadata() or ()).get(REVISION_METADATA)
+        return await call, None if revision is None else int(revision)
+
+    answers = await asyncio.gather(*(ask(peer) for peer in peers), return_exceptions=True)
+    configs = {config.node.id: config for config in client_status(cache).config}
+    revisions = [] if cache.revision is None else [cache.revision]
+    for peer, answer in zip(peers, answers, strict=True):
+        if isinstance(answer, BaseException):
+            log.warning("CSDS: worker at %s did not answer (%s); its nodes are left out", peer, answer)
+            continue
+        response, revision = answer
+        for config in response.config:
+            configs.setdefault(config.node.id, config)  # a node moving between workers: this one's view
+        if revision is not None:
+            revisions.append(revision)
+    return (csds_pb2.ClientStatusResponse(config=[configs[n] for n in sorted(configs)]),
+            min(revisions) if revisions else None)
+
+
+async def serve_private(cache: SnapshotCache, address: str) -> grpc.aio.Server:
+    """CSDS of this worker's nodes only, for the other workers (`address`: a unix socket in the
+    supervisor's run directory, which only its user can reach)."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([handler(cache)])
+    server.add_insecure_port(address)
+    await server.start()
+    return server
+
+
+def handler(cache: SnapshotCache, authorizer: Authorizer | None = None,
+            peers: tuple[str, ...] = ()) -> grpc.GenericRpcHandler:
+    """CSDS lists every node and its NACK texts: with an `authorizer` (TLS), for admins only.
+    `peers`: the other workers' private sockets, whose nodes are listed too."""
+    channels: dict[str, grpc.aio.Channel] = {}
+
     async def fetch(_request: csds_pb2.ClientStatusRequest,
                     context: grpc.aio.ServicerContext) -> csds_pb2.ClientStatusResponse:
         if authorizer is not None and not authorizer.is_admin(identity := peer_identity(context)):
@@ -57,10 +111,12 @@ def handler(cache: SnapshotCache, authorizer: Authorizer | None = None) -> grpc.
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"the status of every node is for {admin_identity(authorizer.trust_domain)} only; "
                                 f"this certificate is {identity or '(no single SPIFFE ID)'}")
-        if cache.revision is not None:
+        response, revision = (client_status(cache), cache.revision) if not peers else \
+            await _with_peers(cache, peers, channels)
+        if revision is not None:
             # Which store revision this replica serves: CSDS has no field for the server's side.
-            await context.send_initial_metadata(((REVISION_METADATA, str(cache.revision)),))
-        return client_status(cache)
+            await context.send_initial_metadata(((REVISION_METADATA, str(revision)),))
+        return response
 
     return grpc.method_handlers_generic_handler(SERVICE, {
         "FetchClientStatus": grpc.unary_unary_rpc_method_handler(

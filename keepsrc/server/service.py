@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 from collections.abc import Coroutine
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
@@ -24,6 +25,9 @@ from keepsrc.server.delta import DeltaStream
 from keepsrc.server.sotw import SotwStream
 from keepsrc.server.stream import ALL_TYPES, Stream
 from keepsrc.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+if TYPE_CHECKING:
+    from keepsrc.server.workers import Worker
 
 log = logging.getLogger("keepsrc.server")
 
@@ -48,10 +52,12 @@ def _handler(cache: SnapshotCache, stream_class: type[Stream], type_urls: tuple[
     )
 
 
-def generic_handlers(cache: SnapshotCache, authorizer: Authorizer | None = None) -> list[grpc.GenericRpcHandler]:
-    """`authorizer` (with TLS): each stream is served only the proxy entry its certificate names."""
+def generic_handlers(cache: SnapshotCache, authorizer: Authorizer | None = None,
+                     peers: tuple[str, ...] = ()) -> list[grpc.GenericRpcHandler]:
+    """`authorizer` (with TLS): each stream is served only the proxy entry its certificate names.
+    `peers`: the other workers' private sockets (CSDS lists their nodes too)."""
     handlers = [
-        csds.handler(cache, authorizer),
+        csds.handler(cache, authorizer, peers),
         grpc.method_handlers_generic_handler(ADS_SERVICE, {
             "StreamAggregatedResources": _handler(cache, SotwStream, ALL_TYPES, DiscoveryRequest, authorizer),
             "DeltaAggregatedResources": _handler(cache, DeltaStream, ALL_TYPES, DeltaDiscoveryRequest, authorizer),
@@ -82,12 +88,13 @@ class XdsServer:
 
 async def start(cache: SnapshotCache, address: str, tls: ServerTls | None = None,
                 authorizer: Authorizer | None = None, unix_mode: int = 0o660,
-                unix_group: str | None = None) -> XdsServer:
+                unix_group: str | None = None, worker: Worker | None = None) -> XdsServer:
     """Start serving `cache` on `address` ('host:port' or 'unix:/path'); raises OSError if it cannot bind.
 
     With `tls`, clients must present a certificate from its CA, and each is served only the proxy
     entry its identity names (`authorizer`, default trust domain unless given); CSDS only to an
     admin identity. A unix socket gets `unix_mode` (and `unix_group`), not what the umask leaves.
+    A `worker` of `serve --workers` shares the port with the other workers (workers.py).
 
     Until `cache` has its first snapshots, gRPC health (service "" and the ADS service) says
     NOT_SERVING and xDS streams are refused with UNAVAILABLE, so an Envoy retries (or goes to
@@ -98,8 +105,9 @@ async def start(cache: SnapshotCache, address: str, tls: ServerTls | None = None
         # event loop; a fleet reconnecting at once after a restart is exactly such a burst.
         ("grpc.server.max_pending_requests", 100_000),
         ("grpc.server.max_pending_requests_hard_limit", 100_000),
-        # Without this a second server on the same port binds happily and steals half the Envoys.
-        ("grpc.so_reuseport", 0),
+        # Without this a second server on the same port binds happily and steals half the Envoys;
+        # workers share it on purpose, and their supervisor made sure nothing else holds it.
+        ("grpc.so_reuseport", 0 if worker is None else 1),
         # Envoys hold one stream for days; let idle connections stay, but notice dead peers.
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -110,7 +118,7 @@ async def start(cache: SnapshotCache, address: str, tls: ServerTls | None = None
     ])
     if tls is not None and authorizer is None:
         authorizer = Authorizer()
-    server.add_generic_rpc_handlers(generic_handlers(cache, authorizer))
+    server.add_generic_rpc_handlers(generic_handlers(cache, authorizer, worker.peers if worker else ()))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -39,12 +39,13 @@ class SotwStream(Stream):
 
     def on_request(self, type_url: str, request: DiscoveryRequest) -> None:
         self.check_names(type_url, len(request.resource_names))
-        names = frozenset(request.resource_names)
+        existing = self.entry.of_type(type_url, self.variant) if self.entry is not None else {}
+        names = _shared(frozenset(request.resource_names), existing)
         sub = self.subscriptions.get(type_url)
         if sub is None:
             wildcard = type_url in WILDCARD_TYPES and (not names or "*" in names)
-            sub = self.subscriptions[type_url] = _Subscription(wildcard, names=names - {"*"},
-                                                               sorted_names=tuple(sorted(names - {"*"})))
+            asked = _shared(names - {"*"}, existing) if "*" in names else names
+            sub = self.subscriptions[type_url] = _Subscription(wildcard, names=asked, sorted_names=_sorted(asked))
             if request.version_info:
                 self._seed(type_url, sub, request.version_info)
             return
@@ -55,7 +56,7 @@ class SotwStream(Stream):
             return
         self.answer(type_url, sub, request)
         if not sub.wildcard and names != sub.names:
-            sub.names, sub.sorted_names = names, tuple(sorted(names))
+            sub.names, sub.sorted_names = names, _sorted(names)
             sub.settled = None
             # Envoy drops what it no longer asks for; asked again, it must be sent again.
             if sub.held_known:
@@ -123,7 +124,10 @@ class SotwStream(Stream):
         if version == sub.version and not forced:
             sub.settled = entry  # SotW never removes a named resource: nothing left to send
             return None
-        return _Response(version, body, {n: current[n] for n in served})
+        # Usually every resource of the type is asked for: the client then holds the snapshot's own
+        # mapping, not a copy per stream.
+        held = current if len(served) == len(current) else {n: current[n] for n in served}
+        return _Response(version, body, held)
 
     async def send(self, type_url: str, sub: _Subscription, response: _Response) -> None:
         before, before_known = sub.held, sub.held_known
@@ -150,6 +154,31 @@ class SotwStream(Stream):
         assert self.status is not None
         nack = self.status.of(type_url).nack
         return nack is not None and nack.version == sub.version
+
+
+# A fleet's streams ask for the same few name sets (EDS clusters, RDS route configs): each is
+# held once for all of them, not once a stream (a frozenset and a tuple, ~300 bytes). Only sets of
+# names the snapshot has are shared (junk is the stream's own, freed with it), and the shared
+# sets together hold at most MAX_SHARED_NAMES names: what clients send cannot grow this for good.
+MAX_SHARED_NAMES = 1_000_000
+_name_sets: dict[frozenset[str], tuple[frozenset[str], tuple[str, ...]]] = {}
+_shared_names = 0
+
+
+def _shared(names: frozenset[str], existing: Mapping[str, object]) -> frozenset[str]:
+    global _shared_names
+    shared = _name_sets.get(names)
+    if shared is None:
+        if _shared_names + len(names) > MAX_SHARED_NAMES or not all(n in existing for n in names):
+            return names
+        _shared_names += len(names)
+        shared = _name_sets[names] = (names, tuple(sorted(names)))
+    return shared[0]
+
+
+def _sorted(names: frozenset[str]) -> tuple[str, ...]:
+    shared = _name_sets.get(names)
+    return shared[1] if shared is not None and shared[0] is names else tuple(sorted(names))
 
 
 def _state(resources: Mapping[str, Resource]) -> str:

@@ -13,7 +13,7 @@ import grpc
 from envoy.admin.v3 import config_dump_shared_pb2
 from envoy.service.status.v3 import csds_pb2
 
-from keepsrc.server.csds import REVISION_METADATA, SERVICE
+from keepsrc.server.csds import REVISION_METADATA, SERVICE, UNLIMITED_RECEIVE
 from keepsrc.snapshots.render import dump, to_dict
 from keepsrc.snapshots.snapshot import SHORT_NAMES
 
@@ -43,8 +43,9 @@ def client_credentials(ca: Path, cert: Path, key: Path) -> grpc.ChannelCredentia
 
 def fetch_replica(target: str, timeout: float = 5.0, credentials: grpc.ChannelCredentials | None = None,
                   server_name: str | None = None) -> ReplicaStatus:
-    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    channel = grpc.secure_channel(target, credentials, options) if credentials else grpc.insecure_channel(target)
+    options = [*UNLIMITED_RECEIVE, *([("grpc.ssl_target_name_override", server_name)] if server_name else [])]
+    channel = (grpc.secure_channel(target, credentials, options) if credentials
+               else grpc.insecure_channel(target, options))
     with channel:
         call = channel.unary_unary(
             f"/{SERVICE}/FetchClientStatus",

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 import pytest
 
+from keepsrc.server import sotw
 from keepsrc.server.stream import MAX_SUBSCRIBED_NAMES
 from tests.conformance.raw import CDS, EDS, LDS, RDS, Raw, Response, csds_status, edge, served, status_name
 
@@ -360,6 +361,8 @@ def test_junk_subscriptions_share_the_served_encodings_and_are_bounded(delta: bo
             keys = list(entry._encodings._items)
             assert len(keys) == 1
             assert "junk" not in repr(keys)
+            # Name sets shared across a fleet's streams hold only names that exist.
+            assert not any(name.startswith("junk") for names in sotw._name_sets for name in names)
 
     run(test)
 
