@@ -563,8 +563,14 @@ def test_compose_up_replicas(engine: Engine) -> None:
 
         # A changed topology pushed into etcd reaches the Envoy through the replica left. (Not with
         # `docker-compose run`: docker-compose 1.29 on podman's API wants the lab network recreated.)
-        pushed = engine.compose("exec", "-T", other, "keepsrc", "push", "/etc/keepsrc/replicas/topology-v2.yaml",
-                                "--store", "etcd://replicas-etcd:2379/keepsrc/replicas", profile=p)
+        # Exit 2 is "etcd unreachable, try again": right after a container is killed, podman's DNS
+        # (aardvark-dns) can fail a lookup for a moment, and a user would push again.
+        for _attempt in range(10):
+            pushed = engine.compose("exec", "-T", other, "keepsrc", "push", "/etc/keepsrc/replicas/topology-v2.yaml",
+                                    "--store", "etcd://replicas-etcd:2379/keepsrc/replicas", profile=p)
+            if pushed.returncode != 2:
+                break
+            time.sleep(1)
         rows.append((f"  keepsrc push topology-v2.yaml (docker-compose exec {other})",
                      "pushed" if pushed.returncode == 0 and " at revision " in pushed.stdout
                      else f"exit {pushed.returncode}: {pushed.stdout[-300:]}{pushed.stderr[-300:]}", "pushed"))
