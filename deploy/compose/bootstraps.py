@@ -23,7 +23,6 @@ import contextlib
 import io
 import sys
 from pathlib import Path
-from unittest import mock
 
 from keepsrc.cli import main
 
@@ -62,9 +61,10 @@ def arguments(scenario: str, node: str) -> list[str]:
 
 
 def render(scenario: str, node: str) -> str:
-    """What `keepsrc <arguments>` prints, without writing the SDS file (keepsrc-certs does, in the volume)."""
+    """What `keepsrc <arguments>` prints. Its note that the SDS file cannot be written here is
+    dropped: keepsrc-certs writes it, in the volume, beside the certificate."""
     out = io.StringIO()
-    with mock.patch("keepsrc.cli.write_secret_file"), contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         code = main(arguments(scenario, node))
     if code != 0:
         raise SystemExit(f"keepsrc {' '.join(arguments(scenario, node))}: exit {code}")
