@@ -138,7 +138,11 @@ def run_serve(args: argparse.Namespace) -> int:
             log.error("cannot serve metrics on %s: %s", args.metrics, exc)
             return 1
         log.info("metrics on http://%s/metrics", args.metrics)
-    return asyncio.run(_serve(args, store))
+    try:
+        return asyncio.run(_serve(args, store))
+    finally:
+        if args.worker is not None:
+            args.worker.leave()
 
 
 async def _serve(args: argparse.Namespace, store: Store) -> int:

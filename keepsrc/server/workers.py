@@ -30,7 +30,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("keepsrc.server")
@@ -58,6 +58,10 @@ class Worker:
     index: int
     count: int
     starts: int  # how many times this worker was started before; 0 the first time
+    # The supervisor's pid, read when the worker parses its spec (the supervisor is then its
+    # parent). Compared with getppid(), not with 1: in a container the supervisor may be pid 1, and
+    # an orphan may go to a subreaper.
+    supervisor: int = field(default_factory=os.getppid, compare=False)
 
     @classmethod
     def parse(cls, spec: str) -> Worker:
@@ -93,8 +97,16 @@ class Worker:
         holding the port."""
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() == 1:  # the supervisor went before prctl
+        if os.getppid() != self.supervisor:  # the supervisor went before prctl
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+    def leave(self) -> None:
+        """On exit: a worker orphaned by a supervisor that was SIGKILLed removes the run directory,
+        which the supervisor would have removed (the last of the workers to go wins; the others
+        find it gone)."""
+        if os.getppid() != self.supervisor:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def arguments_path(run_dir: Path) -> Path:
