@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -45,22 +46,7 @@ class TcpBackend:
     seen: list[Seen] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((self.host, self.port))
-        self.port = self._sock.getsockname()[1]
-        self._sock.listen(128)
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, peer = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn, peer[0]), daemon=True).start()
+        self._sock, self.port = _serve_connections(self.host, self.port, self._handle)
 
     def _handle(self, conn: socket.socket, peer: str) -> None:
         with conn:
@@ -74,12 +60,8 @@ class TcpBackend:
                     header, data = parse_proxy_header(buffer)
                     if not chunk or b"\n" in data:
                         break
-                record = Seen(peer=peer, proxy_header=header, data=data)
-                self.seen.append(record)
-                client = header.split()[2] if header and header.startswith("PROXY ") else peer
-                if header and header.startswith("v2 "):
-                    client = header.split()[1]
-                conn.sendall(f"backend:{self.name} client:{client} ".encode() + data)
+                self.seen.append(Seen(peer=peer, proxy_header=header, data=data))
+                conn.sendall(f"backend:{self.name} client:{_client(header, peer)} ".encode() + data)
                 conn.shutdown(socket.SHUT_WR)
                 while conn.recv(65536):  # drain to the client's close, so ours is not a reset
                     pass
@@ -108,21 +90,7 @@ class TlsBackend:
         self._context.load_cert_chain(self.cert, self.key)
         self._sni: dict[int, str] = {}
         self._context.sni_callback = lambda sock, name, _: self._sni.__setitem__(id(sock), name or "") or None
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((self.host, self.port))
-        self.port = self._sock.getsockname()[1]
-        self._sock.listen(128)
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, peer = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn, peer[0]), daemon=True).start()
+        self._sock, self.port = _serve_connections(self.host, self.port, self._handle)
 
     def _handle(self, conn: socket.socket, peer: str) -> None:
         with conn:
@@ -134,16 +102,43 @@ class TlsBackend:
                     while b"\n" not in data and (chunk := tls.recv(65536)):
                         data += chunk
                     self.seen.append(Seen(peer=peer, proxy_header=header, data=data))
-                    client = header.split()[1] if header and header.startswith("v2 ") else peer
-                    if header and header.startswith("PROXY "):
-                        client = header.split()[2]
                     sni = self._sni.pop(id(tls), "")
-                    tls.sendall(f"backend:{self.name} client:{client} sni:{sni} ".encode() + data)
+                    tls.sendall(f"backend:{self.name} client:{_client(header, peer)} sni:{sni} ".encode() + data)
             except (OSError, ssl.SSLError):
                 return
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _serve_connections(host: str, port: int,
+                       handle: Callable[[socket.socket, str], None]) -> tuple[socket.socket, int]:
+    """Listen on host:port (0: any free port) and `handle(conn, peer_ip)` each connection on a
+    thread of its own; the listening socket (close it to stop) and the port bound."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, peer = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn, peer[0]), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return sock, sock.getsockname()[1]
+
+
+def _client(header: str | None, peer: str) -> str:
+    """The client a PROXY header names (v1 "PROXY TCP4 <src> ...", v2 "v2 <src>"), else the TCP peer."""
+    if header and header.startswith("PROXY "):
+        return header.split()[2]
+    if header and header.startswith("v2 "):
+        return header.split()[1]
+    return peer
 
 
 def read_proxy_header(conn: socket.socket) -> str | None:
