@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from keepsrc.demo.backends import HttpBackend, TlsBackend, proxy_v2_header
+from keepsrc.demo.nginx import nginx_conf
 from keepsrc.explain import explain, render_text
 from keepsrc.snapshots.bootstrap import static_bootstrap
 from keepsrc.snapshots.render import to_dict
@@ -158,17 +159,7 @@ def http_get_from(source: str, port: int, path: str) -> tuple[int, bytes]:
 
 
 # -- nginx: requires a PROXY header, then TLS, and a client certificate ------------------------------
-NGINX_TLS_CONF = """daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log {dir}/nginx-access.log;
-    client_body_temp_path {dir};
-    proxy_temp_path {dir};
-    fastcgi_temp_path {dir};
-    uwsgi_temp_path {dir};
-    scgi_temp_path {dir};
+NGINX_TLS_CONF = nginx_conf("""\
     server {{
         listen 127.0.0.1:{port} ssl proxy_protocol;
         ssl_certificate {cert};
@@ -177,8 +168,7 @@ http {{
         ssl_verify_client on;
         location / {{ return 200 "$proxy_protocol_addr $remote_addr $ssl_client_s_dn\\n"; }}
     }}
-}}
-"""
+""")
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from keepsrc.demo.backends import seen_source
 from keepsrc.demo.envoy import Envoy, free_port
 from keepsrc.demo.hosts import Host, Network
 from keepsrc.demo.netns import stop_processes, wait_for
+from keepsrc.demo.nginx import nginx_conf
 from keepsrc.demo.replicas import replicas
 from keepsrc.demo.tls_scenarios import NGINX_TLS_CONF, DemoPki, TlsReply, tls_exchange
 from keepsrc.demo.xds_mtls import XdsPki, xds_mtls
@@ -125,25 +126,14 @@ def _haproxy_frontend(name: str, binds: list[str], target: str, send_proxy: str)
            f"    server next {target} {send_proxy}\n"
 
 
-NGINX_CONF = """daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log {dir}/nginx-access.log;
-    client_body_temp_path {dir};
-    proxy_temp_path {dir};
-    fastcgi_temp_path {dir};
-    uwsgi_temp_path {dir};
-    scgi_temp_path {dir};
+NGINX_CONF = nginx_conf("""\
     log_format pp '$proxy_protocol_addr $remote_addr "$request"';
     server {{
         listen {listen} proxy_protocol;
         access_log {dir}/nginx-pp.log pp;
         location / {{ return 200 "$proxy_protocol_addr $remote_addr\\n"; }}
     }}
-}}
-"""
+""")
 
 
 @dataclass

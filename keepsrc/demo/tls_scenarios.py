@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from keepsrc.demo.hosts import Host
+from keepsrc.demo.nginx import nginx_conf
 
 LIFETIME = datetime.timedelta(hours=1)
 
@@ -123,17 +124,7 @@ def tls_exchange(client: Host, address: str, sni: str, ca: Path, payload: str = 
 
 # nginx as a TLS upstream that requires a PROXY header before the handshake; it answers and logs
 # $proxy_protocol_addr (the header's client) beside $remote_addr (its TCP peer: the Envoy).
-NGINX_TLS_CONF = """daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log {dir}/nginx-access.log;
-    client_body_temp_path {dir};
-    proxy_temp_path {dir};
-    fastcgi_temp_path {dir};
-    uwsgi_temp_path {dir};
-    scgi_temp_path {dir};
+NGINX_TLS_CONF = nginx_conf("""\
     log_format pp '$proxy_protocol_addr $remote_addr $ssl_protocol "$request"';
     server {{
         listen {listen} ssl proxy_protocol;
@@ -142,5 +133,4 @@ http {{
         access_log {dir}/nginx-pp.log pp;
         location / {{ return 200 "$proxy_protocol_addr $remote_addr $ssl_protocol\\n"; }}
     }}
-}}
-"""
+""")
