@@ -5,10 +5,7 @@ and reject figures. Plus gRPC health and JSON logs of the same server process.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -20,31 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.envoy import envoy_path, free_port
 from tests.support.envoy_lab import SeqLab, envoy_for, http_backend, seq_lab, tcp_backend
+from tests.support.serve import Serve, until
 from tests.support.strict import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Serve:
-    """`keepsrc serve` as a process, as an operator runs it."""
-
-    def __init__(self, topology: Path, workdir: Path, *extra: str) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self.log = workdir / "serve.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "keepsrc", "serve", str(topology), "--listen", f"127.0.0.1:{self.port}",
-             "--metrics", f"127.0.0.1:{self.metrics_port}", "--debounce-ms", "100", *extra],
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=3) as response:
-            return response.read().decode()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(15)
 
 
 @pytest.fixture
@@ -52,19 +28,6 @@ def lab(tmp_path: Path) -> Iterator[SeqLab]:
     envoy_path()
     with seq_lab(tmp_path) as lab:
         yield lab
-
-
-def until(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if predicate():  # type: ignore[operator]
-                return
-        except (OSError, ValueError, KeyError, grpc.RpcError) as exc:
-            last = exc
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what} ({last})")
 
 
 def promql(port: int, query: str) -> list[dict[str, object]]:
@@ -106,7 +69,7 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 def test_prometheus_sees_pushes_convergence_and_rejects(lab: SeqLab, tmp_path: Path,
                                                         prometheus: tuple[int, Path]) -> None:
     prom_port, prom_config = prometheus
-    serve = Serve(lab.path, tmp_path, "--log-format", "json")
+    serve = Serve(tmp_path, str(lab.path), "--debounce-ms", "100", "--log-format", "json")
     try:
         until(lambda: "keepsrc_xds_connected" in serve.metrics(), 30, "the metrics page")
         prom_config.write_text(f"""global: {{scrape_interval: 1s}}
@@ -153,7 +116,7 @@ def test_health_is_not_serving_until_a_topology_is_loaded(lab: SeqLab, tmp_path:
     """A topology that fails to load on start stops `serve`; a library user's empty cache says
     NOT_SERVING and refuses streams until the first snapshots, which the server test covers.
     Here: a loaded server says SERVING for "" and for the ADS service."""
-    serve = Serve(lab.path, tmp_path)
+    serve = Serve(tmp_path, str(lab.path))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{serve.port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)

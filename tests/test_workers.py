@@ -24,6 +24,7 @@ from keepsrc.demo.backends import TcpBackend
 from keepsrc.server.status import fetch
 from tests.support.envoy import Envoy, envoy_path, free_port
 from tests.support.envoy_lab import Traffic, envoy_for, tcp_backend
+from tests.support.serve import until
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXIES = ("edge-a", "edge-b")
@@ -33,19 +34,6 @@ UPDATE_COUNTERS = ("cluster_manager.cds.update_success", "listener_manager.lds.u
 # Placement of a connection on a worker is the kernel's hash: an Envoy restarted this many times
 # has 1 in 2**20 chance to land on the same worker each time.
 MAX_PLACEMENT_TRIES = 20
-
-
-def until(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if predicate():  # type: ignore[operator]
-                return
-        except (OSError, ValueError, KeyError, grpc.RpcError) as exc:
-            last = exc
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what} ({last})")
 
 
 class Workers:

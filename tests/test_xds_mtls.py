@@ -10,9 +10,7 @@ import os
 import stat
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -30,49 +28,11 @@ from keepsrc.topology import SocketAddress
 from keepsrc.topology.model import Certificate
 from tests.support.envoy import Envoy, envoy_path, free_port
 from tests.support.envoy_lab import SeqLab, http_backend, seq_lab
+from tests.support.serve import Serve, until
 
 ROOT = Path(__file__).resolve().parent.parent
 TRUST_DOMAIN = "keepsrc.local"
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
-
-
-class Serve:
-    def __init__(self, workdir: Path, *args: str) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self.log = workdir / f"serve-{self.port}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "keepsrc", "serve", *args, "--metrics", f"127.0.0.1:{self.metrics_port}",
-             *(() if any(a.startswith("--listen") for a in args) else ("--listen", f"127.0.0.1:{self.port}"))],
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=3) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-        return 0.0
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(15)
-
-
-def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except (OSError, ValueError, KeyError) as exc:
-            last = exc
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out waiting for {what} ({last})")
 
 
 @pytest.fixture
