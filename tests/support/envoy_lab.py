@@ -34,6 +34,7 @@ from keepsrc.server.status import fetch
 from keepsrc.snapshots.bootstrap import XdsApi, XdsTransport, xds_bootstrap
 from keepsrc.snapshots.render import to_dict
 from keepsrc.snapshots.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from keepsrc.store import LocalStore, Store
 from keepsrc.topology.model import SocketAddress
 from tests.support.envoy import Envoy, free_port
 
@@ -118,10 +119,11 @@ class XdsServerThread:
     `address` is 'host:port' or 'unix:/path'; default: a free loopback port. Start a second one on
     the same address after the first exited to play a restarted server."""
 
-    def __init__(self, path: Path, address: str | None = None) -> None:
+    def __init__(self, source: Path | Store, address: str | None = None, debounce_ms: int = 100) -> None:
         self.cache = SnapshotCache()
-        self.source = TopologySource(self.cache, path)
+        self.source = TopologySource(self.cache, source)
         self.address = address or f"127.0.0.1:{free_port()}"
+        self._debounce_ms = debounce_ms
         self._started = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
@@ -139,7 +141,9 @@ class XdsServerThread:
         return self.address
 
     def __enter__(self) -> XdsServerThread:
-        assert self.source.load(), "the topology file does not load"
+        # A file loads before anything is served; a shared store loads once the server watches it.
+        if isinstance(self.source.store, LocalStore):
+            assert self.source.load(), "the topology file does not load"
         self._thread.start()
         assert self._started.wait(10), f"the xDS server did not start: {self._error!r}"
         return self
@@ -170,9 +174,10 @@ class XdsServerThread:
         self._server = await start(self.cache, self.address)
         self._started.set()
         try:
-            await self.source.watch(self._stop, debounce_ms=100)
+            await self.source.watch(self._stop, debounce_ms=self._debounce_ms)
         finally:
             await self._server.stop(0.5)
+            await self.source.store.close()
 
 
 def envoy_for(workdir: Path, xds: int | PurePosixPath, flavour: str, node: str = "ingress",

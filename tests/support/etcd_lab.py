@@ -12,7 +12,6 @@ Every process is killed and waited for on exit, also when a test fails.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime
 import ipaddress
@@ -20,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,9 +31,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keepsrc.server import SnapshotCache, TopologySource, start
 from keepsrc.store import open_etcd
 from tests.support.envoy import free_port
+from tests.support.envoy_lab import XdsServerThread
 from tests.support.strict import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -303,58 +301,16 @@ class Replica:
         self.stop()
 
 
-class ReplicaThread:
+class ReplicaThread(XdsServerThread):
     """A replica on its own event loop in this process, for a test that reaches into its store:
     `hold()` makes it lag (its store passes on no change) until `release()`."""
 
     def __init__(self, store_url: str) -> None:
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.cache = SnapshotCache()
         self.store = open_etcd(store_url)
-        self.source = TopologySource(self.cache, self.store)
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(self.store, debounce_ms=200)
 
     def hold(self) -> None:
         self._loop.call_soon_threadsafe(self.store.hold_changes)
 
     def release(self) -> None:
         self._loop.call_soon_threadsafe(self.store.release_changes)
-
-    def __enter__(self) -> ReplicaThread:
-        self._thread.start()
-        assert self._started.wait(10), f"the replica did not start: {self._error!r}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(15)
-
-    def _run(self) -> None:
-        try:
-            self._loop.run_until_complete(self._main())
-        except BaseException as exc:  # surfaced by __enter__ when it happens at start
-            self._error = exc
-        finally:
-            pending = asyncio.all_tasks(self._loop)
-            for task in pending:
-                task.cancel()
-
-            async def finish() -> None:
-                await asyncio.gather(*pending, return_exceptions=True)
-            self._loop.run_until_complete(finish())
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        server = await start(self.cache, self.target)
-        self._started.set()
-        try:
-            await self.source.watch(self._stop)
-        finally:
-            await server.stop(0.5)
-            await self.store.close()
