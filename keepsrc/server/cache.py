@@ -59,9 +59,6 @@ class _Encodings:
             oldest = next(iter(self._items))
             self._size -= self._items.pop(oldest)[0]
 
-    def __len__(self) -> int:
-        return len(self._items)
-
 
 # Encodings may take this many times the snapshot's own bytes (each legitimate subscription's
 # response is at most the whole snapshot; a fleet shares a handful of them).
