@@ -155,6 +155,53 @@ def test_an_in_place_write_is_loaded(tmp_path: Path) -> None:
     assert path.stat().st_ino == inode
 
 
+def test_a_slow_writer_is_read_when_it_closes_the_file_never_half_way(tmp_path: Path) -> None:
+    """A copy that pauses mid-file (over a network, `curl -o`): its first half alone is a valid
+    topology with one proxy fewer. Read during the pause, it would be served, and that proxy's
+    Envoys would lose their config; it must be read only when the writer closes the file."""
+    path = tmp_path / "topology.yaml"
+    two_proxies = QUICKSTART + """  second:
+    listeners:
+      - {name: tcp-in, address: "127.0.0.1:10099", protocol: tcp, service: echo}
+"""
+    path.write_text(two_proxies)
+    first_half = web_on(8081)  # on its own: valid, and without `second`
+    assert version_of(first_half) != version_of(two_proxies)
+
+    async def test(source: TopologySource, cache: SnapshotCache) -> None:
+        with path.open("w") as file:
+            file.write(first_half)
+            file.flush()
+            await asyncio.sleep(0.6)  # longer than any quiet period a watcher could wait for
+            assert source.loads == 1 and served(cache) == version_of(two_proxies) and cache.get("second")
+            file.write(two_proxies[len(QUICKSTART):])
+        await until(lambda: source.loads == 2)
+        assert served(cache) == version_of(first_half + two_proxies[len(QUICKSTART):])
+        assert cache.get("second") is not None
+
+    watching(path, test)
+
+
+def test_a_file_removed_and_written_again_is_read_once_with_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`rm` then a new file (scripts that do not rename): the gap is not reported as a missing file."""
+    path = tmp_path / "topology.yaml"
+    path.write_text(web_on(8080))
+
+    async def test(source: TopologySource, cache: SnapshotCache) -> None:
+        path.unlink()
+        await asyncio.sleep(0.03)  # within the grace (debounce_ms=100): read at once, it is missing
+        path.write_text(web_on(8081))
+        await until(lambda: source.loads == 2)
+        await asyncio.sleep(0.4)  # past the grace a removal waits for its replacement
+        assert served(cache) == version_of(web_on(8081)) and source.loads == 2
+
+    with caplog.at_level(logging.INFO, "keepsrc.server"):
+        watching(path, test)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
 def test_a_symlink_to_another_directory_is_followed_there_and_when_it_moves(tmp_path: Path) -> None:
     config, first, second = tmp_path / "config", tmp_path / "first", tmp_path / "second"
     for directory in (config, first, second):

@@ -59,8 +59,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default="127.0.0.1:18000", metavar="HOST:PORT",
                         help="address of the xDS gRPC server (default: %(default)s)")
     parser.add_argument("--debounce-ms", type=int, default=200, metavar="MS",
-                        help="gather a burst of changes of the file for at most this long before reloading; "
-                        "a single save reloads ~50 ms after it (default: %(default)s)")
+                        help="a save is read as soon as its writer closes the file (or renames it into place); "
+                        "a file removed waits this long for its replacement before it is reported missing "
+                        "(default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="info logs every ACK and NACK per node (default: %(default)s)")
     parser.add_argument("--log-format", default="text", choices=["text", "json"],

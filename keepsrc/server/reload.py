@@ -1,6 +1,6 @@
 """A Store -> SnapshotCache: on start, on every change the store reports, and on SIGHUP.
 
-The store is a file (`keepsrc serve FILE`, watched with watchfiles), the built-in example, or etcd
+The store is a file (`keepsrc serve FILE`, watched with inotify), the built-in example, or etcd
 shared by replicas (`keepsrc serve --store etcd://...`); all go through this one path. Invalid
 content never reaches the cache: its errors are logged as name:line:col and the last good
 snapshots stay in service until later content fixes it. A store that cannot be reached changes

@@ -61,8 +61,8 @@ class Store(ABC):
     @abstractmethod
     async def watch(self, stop: asyncio.Event, changed: Callable[[], None], debounce_ms: int = 200) -> None:
         """Call `changed()` whenever what `read()` returns may have changed, until `stop` is set.
-        Also once at the start: anything may have changed while nobody watched. `debounce_ms`
-        gathers a burst of file events into one call."""
+        Also once at the start: anything may have changed while nobody watched. `debounce_ms`:
+        how long a file store waits, after the file is removed, for its replacement."""
 
     async def latest_revision(self) -> int | None:
         """The store's newest revision of the topology (shared stores); raises StoreError."""
@@ -70,3 +70,17 @@ class Store(ABC):
 
     async def close(self) -> None:  # noqa: B027 (a local store holds nothing to release)
         """Release connections; the store is not used afterwards."""
+
+
+async def until_stopped(stop: asyncio.Event, work: object) -> None:
+    """Run `work` (a coroutine) until it returns or `stop` is set."""
+    task = asyncio.ensure_future(work)  # type: ignore[arg-type]
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, stopped):
+            pending.cancel()
+        await asyncio.gather(task, stopped, return_exceptions=True)
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]

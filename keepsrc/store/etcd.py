@@ -27,7 +27,7 @@ import grpc
 from etcd3aio import Etcd3Client, EtcdError
 from etcd3aio._protobuf import Compare  # the public helpers compare versions, not mod_revisions
 
-from keepsrc.store.base import ConflictError, Content, Store, StoreError
+from keepsrc.store.base import ConflictError, Content, Store, StoreError, until_stopped
 
 log = logging.getLogger("keepsrc.server")
 
@@ -191,7 +191,7 @@ class EtcdStore(Store):
                 try:
                     start = await self._watch_from()
                     self._notify()  # a full re-read: covers everything up to `start`
-                    await _until_stopped(stop, self._follow(start))
+                    await until_stopped(stop, self._follow(start))
                     retry = WATCH_RETRY_S[0]
                 except (StoreError, EtcdError, grpc.aio.AioRpcError) as exc:
                     log.warning("%s: watch failed (%s); reading it again in %.2f s", self.name, exc, retry)
@@ -236,17 +236,3 @@ class EtcdStore(Store):
                 continue  # still unreachable; the next check tries again
             if self._read_failed or latest != self._last_read:
                 self._notify()
-
-
-async def _until_stopped(stop: asyncio.Event, work: object) -> None:
-    """Run `work` (a coroutine) until it returns or `stop` is set."""
-    task = asyncio.ensure_future(work)  # type: ignore[arg-type]
-    stopped = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for pending in (task, stopped):
-            pending.cancel()
-        await asyncio.gather(task, stopped, return_exceptions=True)
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]

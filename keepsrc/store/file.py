@@ -4,22 +4,29 @@ built-in example (`keepsrc serve` with no file)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from abc import abstractmethod
 from collections.abc import Callable
-from contextlib import aclosing
 from importlib import resources
 from pathlib import Path
 
-from watchfiles import Change, awatch
+from asyncinotify import Inotify, Mask
 
-from keepsrc.store.base import Content, Store
+from keepsrc.store.base import Content, Store, until_stopped
 
 log = logging.getLogger("keepsrc.server")
 
 BUILTIN_NAME = "<built-in quickstart.yaml>"
 MAX_SYMLINKS = 40  # as the kernel: more links in one lookup is a loop (ELOOP)
+# inotify events on the directories the path resolves through. COMPLETE: the file (or a symlink on
+# the way) is whole now. GONE: it went away; a replacement may follow. REARM: the watch itself is
+# gone (a watched directory removed or moved) or events were lost (queue overflow).
+COMPLETE = Mask.CLOSE_WRITE | Mask.MOVED_TO
+GONE = Mask.DELETE | Mask.MOVED_FROM | Mask.ATTRIB
+REARM = Mask.IGNORED | Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.UNMOUNT | Mask.Q_OVERFLOW
+WATCHED = COMPLETE | GONE | Mask.CREATE | Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.ONLYDIR
 
 
 def resolution(path: Path) -> tuple[Path, list[Path]]:
@@ -95,23 +102,53 @@ class FileStore(LocalStore):
         it, and Kubernetes swaps a ConfigMap's `..data` symlink to a new directory; a watch on the
         old inode (or the old directory) would never see either. The watched set follows the file:
         when a change moves its target to another directory, the watch moves with it.
+
+        A change is read when it is complete, not after a quiet period: when a writer closes the
+        file, or a file or symlink is renamed (or linked) into place, it is read at once. A write
+        still open is never read, however slowly it goes (a copy over the network, `curl -o`), so
+        half a file is never served, even one that would be valid. The file being removed or
+        renamed away waits `debounce_ms` for its replacement before it is reported missing.
         """
         while not stop.is_set():
             _, met = resolution(self.path)
             relevant = set(met)
             directories = sorted({p.parent for p in met if p.parent.is_dir()})
             changed()  # anything that changed while no watch was armed (or between two watches)
+            with Inotify() as inotify:
+                for directory in directories:
+                    with contextlib.suppress(OSError):  # gone meanwhile: the next resolution sees it
+                        inotify.add_watch(directory, WATCHED)
+                await until_stopped(stop, self._follow(inotify, relevant, changed, debounce_ms / 1000))
 
-            def is_relevant(change: Change, path: str, relevant: set[Path] = relevant) -> bool:
-                return Path(path) in relevant
+    async def _follow(self, inotify: Inotify, relevant: set[Path], changed: Callable[[], None], grace: float) -> None:
+        """Calls `changed` for each complete change; returns when the watched set must move."""
+        loop = asyncio.get_running_loop()
+        missing: asyncio.TimerHandle | None = None
 
-            watcher = awatch(*directories, watch_filter=is_relevant, debounce=debounce_ms, step=50,
-                             stop_event=stop, recursive=False)
-            async with aclosing(watcher):  # closed on break too: its notify thread stops with it
-                async for changes in watcher:
-                    target, now_met = resolution(self.path)
-                    log.info("%s changed (%s); it reads %s", self.name,
-                             ", ".join(sorted(f"{path} {change.name}" for change, path in changes)), target)
-                    changed()
-                    if set(now_met) != relevant:
-                        break  # watch what the path resolves through now
+        def read(what: str) -> None:
+            nonlocal missing
+            if missing is not None:
+                missing.cancel()
+                missing = None
+            log.info("%s changed (%s); it reads %s", self.name, what, resolution(self.path)[0])
+            changed()
+
+        try:
+            async for event in inotify:
+                if event.mask & REARM or event.path is None:
+                    return  # a watched directory went away, or events were lost: watch afresh
+                if event.path not in relevant:
+                    continue
+                what = f"{event.path} {(event.mask & ~Mask.ISDIR).name}"
+                if event.mask & COMPLETE or (event.mask & Mask.CREATE and event.path.is_symlink()):
+                    read(what)
+                elif event.mask & GONE:
+                    if missing is not None:
+                        missing.cancel()
+                    missing = loop.call_later(grace, read, what)
+                # MODIFY and a new regular file's CREATE: its CLOSE_WRITE follows.
+                if set(resolution(self.path)[1]) != relevant:
+                    return  # watch what the path resolves through now
+        finally:
+            if missing is not None:
+                missing.cancel()  # on a new watch, the first thing is a read anyway
