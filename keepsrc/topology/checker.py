@@ -164,20 +164,19 @@ class Checker:
                 self.report(key_node, path, f"keys must be plain strings, got {self.show(key_node)}")
                 continue
             key = key_node.value
-            key_path = join(path, key)
-            if key == "<<":
-                self.report(key_node, key_path, "YAML merge keys ('<<') are not supported; write the keys out")
+            if key in allowed and key not in out:
+                out[key] = (key_node, value_node)
+            elif key == "<<":
+                self.report(key_node, join(path, key), "YAML merge keys ('<<') are not supported; write the keys out")
             elif key not in allowed:
                 hint = self.did_you_mean(key, allowed)
                 if hint:
                     self.suggested.add(join(path, hint))
                 valid = listing(allowed)
-                self.report(key_node, key_path, f"unknown key {quoted(key)}{suggest(hint)}; valid keys: {valid}")
-            elif key in out:
-                first = out[key][0].start_mark.line + 1
-                self.report(key_node, key_path, f"duplicate key '{key}' (first on line {first}); keep one")
+                self.report(key_node, join(path, key), f"unknown key {quoted(key)}{suggest(hint)}; valid keys: {valid}")
             else:
-                out[key] = (key_node, value_node)
+                first = out[key][0].start_mark.line + 1
+                self.report(key_node, join(path, key), f"duplicate key '{key}' (first on line {first}); keep one")
         for key, holds in (required or {}).items():
             if key not in out:
                 self.missing(node, join(path, key), f"missing required key '{key}': {holds}")

@@ -115,6 +115,25 @@ PROTOCOL_KEYS: dict[str, tuple[frozenset[Protocol], str]] = {
     "sni_routes": (frozenset({Protocol.TCP}), "an http listener terminates TLS with 'tls' and routes by 'routes'"),
 }
 
+# The valid values of each enumeration, listed once: a topology names them thousands of times.
+PROTOCOLS = [p.value for p in Protocol]
+LB_POLICIES = [p.value for p in LbPolicy]
+PROXY_PROTOCOL_VERSIONS = [v.value for v in ProxyProtocolVersion]
+STICKY_KEYS = [s.value for s in Sticky]
+PLACEMENTS = [p.value for p in Placement]
+PEER_MATCHES = [m.value for m in PeerMatch]
+TLS_VERSIONS = [v.value for v in TlsVersion]
+WHITESPACE_RE = re.compile(r"\s")
+SERVICE_KEYS = ["endpoints", "connect_timeout", "lb", "send_proxy_protocol", "health_check", "sticky", "tls"]
+SERVICE_REQUIRED = {"endpoints": "a list of ip:port or hostname:port"}
+LISTENER_REQUIRED = {
+    "name": "a name unique within the proxy",
+    "address": "the ip:port to listen on",
+    "protocol": "tcp, http or udp",
+}
+ROUTE_KEYS = ["prefix", "service"]
+ROUTE_REQUIRED = {"prefix": "the path prefix to match, e.g. /", "service": "the upstream service name"}
+
 
 class _Schema(Checker):
     """Schema v1 on top of the generic checks: builds model objects while it reports."""
@@ -125,6 +144,33 @@ class _Schema(Checker):
         self.service_names: dict[str, None] = {}
         self.service_suggestions = Suggestions(())
         self.services: dict[str, Service] = {}
+        # The parsers of the sections a topology repeats thousands of times, bound once per file.
+        self.service_parsers: Parsers = {
+            "endpoints": ("endpoints", self.endpoints),
+            "connect_timeout": ("connect_timeout_ms", self.duration_ms),
+            "lb": ("lb", self.lb),
+            "send_proxy_protocol": ("send_proxy_protocol", self.proxy_protocol_version),
+            "health_check": ("health_check", self.health_check),
+            "sticky": ("sticky", self.sticky),
+            "tls": ("tls", self.upstream_tls),
+        }
+        self.listener_parsers: Parsers = {
+            "service": ("service", self.service_ref),
+            "routes": ("routes", self.routes),
+            "accept_proxy_protocol": ("accept_proxy_protocol", self.accept_proxy_protocol),
+            "tls_inspector": ("tls_inspector", self.boolean),
+            "original_src": ("original_src", self.original_src),
+            "xff": ("xff", self.xff),
+            "allow_from": ("allow_from", self.networks),
+            "deny_from": ("deny_from", self.networks),
+            "match": ("match", self.peer_match),
+            "access_log": ("access_log", self.access_log),
+            "stat_prefix": ("stat_prefix", self.name),
+            "idle_timeout": ("idle_timeout_ms", self.duration_ms),
+            "tls": ("tls", self.downstream_tls),
+            "sni_routes": ("sni_routes", self.sni_routes),
+        }
+        self.route_parsers: Parsers = {"prefix": ("prefix", self.prefix), "service": ("service", self.service_ref)}
 
     def topology(self, root: Node) -> Topology:
         required = {
@@ -153,21 +199,11 @@ class _Schema(Checker):
 
     # -- services ----------------------------------------------------------------------------
     def service(self, name: str, node: Node, path: str) -> Service | None:
-        allowed = ["endpoints", "connect_timeout", "lb", "send_proxy_protocol", "health_check", "sticky", "tls"]
         errors_before = self.errors
-        keys = self.mapping(node, path, allowed, {"endpoints": "a list of ip:port or hostname:port"})
+        keys = self.mapping(node, path, SERVICE_KEYS, SERVICE_REQUIRED)
         if keys is None:
             return None
-        parsers: Parsers = {
-            "endpoints": ("endpoints", self.endpoints),
-            "connect_timeout": ("connect_timeout_ms", self.duration_ms),
-            "lb": ("lb", self.lb),
-            "send_proxy_protocol": ("send_proxy_protocol", self.proxy_protocol_version),
-            "health_check": ("health_check", self.health_check),
-            "sticky": ("sticky", self.sticky),
-            "tls": ("tls", self.upstream_tls),
-        }
-        values = self.fields(keys, path, parsers)
+        values = self.fields(keys, path, self.service_parsers)
         lb = values.get("lb")  # None when lb is absent (then ring_hash) or already reported
         if values.get("sticky") is not None and lb is not None and lb not in (LbPolicy.RING_HASH, LbPolicy.MAGLEV):
             self.report(
@@ -181,13 +217,13 @@ class _Schema(Checker):
         return Service(name=name, **values)
 
     def lb(self, node: Node, path: str) -> LbPolicy | None:
-        return self.choice(node, path, LbPolicy, [p.value for p in LbPolicy])
+        return self.choice(node, path, LbPolicy, LB_POLICIES)
 
     def proxy_protocol_version(self, node: Node, path: str) -> ProxyProtocolVersion | None:
-        return self.choice(node, path, ProxyProtocolVersion, [v.value for v in ProxyProtocolVersion])
+        return self.choice(node, path, ProxyProtocolVersion, PROXY_PROTOCOL_VERSIONS)
 
     def sticky(self, node: Node, path: str) -> Sticky | None:
-        return self.choice(node, path, Sticky, [s.value for s in Sticky])
+        return self.choice(node, path, Sticky, STICKY_KEYS)
 
     def endpoints(self, node: Node, path: str) -> tuple[SocketAddress, ...]:
         items = self.sequence(node, path, "a list of ip:port or hostname:port")
@@ -324,19 +360,13 @@ class _Schema(Checker):
         self, node: Node, path: str, proxy: str, names: dict[str, str], addresses: dict[object, str]
     ) -> Listener | None:
         errors_before = self.errors
-        required = {
-            "name": "a name unique within the proxy",
-            "address": "the ip:port to listen on",
-            "protocol": "tcp, http or udp",
-        }
-        keys = self.mapping(node, path, LISTENER_KEYS, required)
+        keys = self.mapping(node, path, LISTENER_KEYS, LISTENER_REQUIRED)
         if keys is None:
             return None
         values: dict[str, Any] = {}
         protocol = None
         if "protocol" in keys:
-            options = [p.value for p in Protocol]
-            protocol = self.choice(keys["protocol"][1], f"{path}.protocol", Protocol, options)
+            protocol = self.choice(keys["protocol"][1], f"{path}.protocol", Protocol, PROTOCOLS)
             values["protocol"] = protocol
         if "name" in keys:
             values["name"] = self.name(keys["name"][1], f"{path}.name")
@@ -352,24 +382,8 @@ class _Schema(Checker):
                 claimed = (protocol is Protocol.UDP, values["address"])
                 self.claim(addresses, claimed, address, f"{path}.address", problem)
         misplaced = self.misplaced(keys, path, protocol)
-        parsers: Parsers = {
-            "service": ("service", self.service_ref),
-            "routes": ("routes", self.routes),
-            "accept_proxy_protocol": ("accept_proxy_protocol", self.accept_proxy_protocol),
-            "tls_inspector": ("tls_inspector", self.boolean),
-            "original_src": ("original_src", self.original_src),
-            "xff": ("xff", self.xff),
-            "allow_from": ("allow_from", self.networks),
-            "deny_from": ("deny_from", self.networks),
-            "match": ("match", self.peer_match),
-            "access_log": ("access_log", self.access_log),
-            "stat_prefix": ("stat_prefix", self.name),
-            "idle_timeout": ("idle_timeout_ms", self.duration_ms),
-            "tls": ("tls", self.downstream_tls),
-            "sni_routes": ("sni_routes", self.sni_routes),
-        }
-        placed = {key: keys[key] for key in keys if key not in misplaced}
-        values.update(self.fields(placed, path, parsers))
+        placed = {key: keys[key] for key in keys if key not in misplaced} if misplaced else keys
+        values.update(self.fields(placed, path, self.listener_parsers))
         if protocol is Protocol.HTTP and "routes" not in keys:
             self.missing(node, f"{path}.routes", "an http listener needs 'routes': a list of {prefix, service}")
         elif protocol in (Protocol.TCP, Protocol.UDP) and "service" not in keys and not (
@@ -444,14 +458,12 @@ class _Schema(Checker):
         items = self.sequence(node, path, "a list of {prefix, service}")
         if items == []:
             self.report(node, path, "an http listener needs at least one route: [{prefix: /, service: ...}]")
-        required = {"prefix": "the path prefix to match, e.g. /", "service": "the upstream service name"}
-        parsers: Parsers = {"prefix": ("prefix", self.prefix), "service": ("service", self.service_ref)}
         # (index, prefix node, prefix, service) per route; a None prefix or service was reported
         parsed: list[tuple[int, Node, str | None, str | None]] = []
         for i, item in enumerate(items or []):
             item_path = f"{path}[{i}]"
-            keys = self.mapping(item, item_path, ["prefix", "service"], required) or {}
-            values = self.fields(keys, item_path, parsers)
+            keys = self.mapping(item, item_path, ROUTE_KEYS, ROUTE_REQUIRED) or {}
+            values = self.fields(keys, item_path, self.route_parsers)
             prefix_node = keys["prefix"][1] if "prefix" in keys else item
             parsed.append((i, prefix_node, values.get("prefix"), values.get("service")))
         shadowed = self.shadowed_prefixes(parsed, path)
@@ -496,7 +508,7 @@ class _Schema(Checker):
         if not prefix.startswith("/"):
             self.report(node, path, f"prefix {quoted(prefix)} must start with '/'; valid: e.g. /, /api/")
             return None
-        if re.search(r"\s", prefix):
+        if WHITESPACE_RE.search(prefix):
             self.report(node, path, f"prefix {quoted(prefix)} contains whitespace, which no request path has; use %20")
             return None
         if not PREFIX_RE.fullmatch(prefix) or len(prefix) > PREFIX_MAX:
@@ -575,7 +587,7 @@ class _Schema(Checker):
         return self.integer(node, path, 1, 2**32 - 1)
 
     def placement(self, node: Node, path: str) -> Placement | None:
-        return self.choice(node, path, Placement, [p.value for p in Placement])
+        return self.choice(node, path, Placement, PLACEMENTS)
 
     def interface(self, node: Node, path: str) -> str | None:
         iface = self.scalar(node, path, str, "a network interface name, e.g. eth1")
@@ -622,7 +634,7 @@ class _Schema(Checker):
         return None
 
     def peer_match(self, node: Node, path: str) -> PeerMatch | None:
-        return self.choice(node, path, PeerMatch, [m.value for m in PeerMatch])
+        return self.choice(node, path, PeerMatch, PEER_MATCHES)
 
     def access_log(self, node: Node, path: str) -> str | None:
         target = self.scalar(node, path, str, "stdout, stderr or an absolute file path")
@@ -835,7 +847,7 @@ class _Schema(Checker):
         if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:float":
             # `1.2` unquoted is a number to YAML; it can only mean the version.
             node = ScalarNode(STR_TAG, node.value, node.start_mark, node.end_mark)
-        return self.choice(node, path, TlsVersion, [v.value for v in TlsVersion])
+        return self.choice(node, path, TlsVersion, TLS_VERSIONS)
 
     def sni_routes(self, node: Node, path: str) -> tuple[SniRoute, ...] | None:
         items = self.sequence(node, path, "a list of {server_names, service}")
