@@ -82,8 +82,7 @@ class Entry:
         self._variants: dict[tuple[str, str], Mapping[str, Resource]] = {}
         self._wildcard_versions: dict[tuple[str, str], str] = {}
         self._any: dict[tuple[str, str, str], bytes] = {}
-        size = sum(len(r.body) for resources in snapshot.resources.values() for r in resources.values())
-        self._encodings = _Encodings(max(MIN_ENCODING_BUDGET, ENCODING_BUDGET_FACTOR * size))
+        self._encodings = _Encodings(max(MIN_ENCODING_BUDGET, ENCODING_BUDGET_FACTOR * snapshot.size))
 
     def of_type(self, type_url: str, variant: str) -> Mapping[str, Resource]:
         """The resources of a type as a stream of `variant` sees them ("" for ADS; see per_type.py)."""
@@ -99,6 +98,8 @@ class Entry:
 
     def wildcard_version(self, type_url: str, variant: str) -> str:
         """The SotW version of every resource of a type (what a wildcard subscriber holds once in sync)."""
+        if not variant or type_url not in REWRITTEN_TYPES:
+            return self.snapshot.version(type_url)  # the same resources: the snapshot's own version
         version = self._wildcard_versions.get((type_url, variant))
         if version is None:
             resources = self.of_type(type_url, variant)
@@ -114,9 +115,10 @@ class Entry:
             encoded = self._any[key] = wire.field(wire.SOTW_RESOURCES, any_bytes)
         return encoded
 
-    def sotw_response(self, type_url: str, cache_key: object,
-                      resources: Callable[[], list[Resource]]) -> tuple[str, bytes]:
-        """(version, DiscoveryResponse bytes without a nonce) for `resources()`, sorted by name.
+    def sotw_response(self, type_url: str, cache_key: object, resources: Callable[[], list[Resource]],
+                      version: str | None = None) -> tuple[str, bytes]:
+        """(version, DiscoveryResponse bytes without a nonce) for `resources()`, sorted by name;
+        `version`, when the caller knows it (all of a type: `wildcard_version`), is not hashed again.
 
         `cache_key` must identify `resources` within this snapshot, built from what is served
         (names of this snapshot, versions of resources kept from an older one), never from
@@ -125,7 +127,8 @@ class Entry:
         cached = self._encodings.get(cache_key)
         if cached is None:
             listed = resources()
-            version = state_version({r.name: r.version for r in listed})
+            if version is None:
+                version = state_version({r.name: r.version for r in listed})
             body = b"".join(
                 [wire.text(wire.SOTW_VERSION_INFO, version), *(self._any_bytes(r) for r in listed),
                  wire.text(wire.SOTW_TYPE_URL, type_url)]

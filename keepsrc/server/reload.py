@@ -167,6 +167,9 @@ class TopologySource:
             for finding in host_findings(topology):
                 log.warning("%s", finding)
             snapshots = build_snapshots(topology)
+            for snapshot in snapshots.values():
+                # Hashed here, off the event loop, rather than when the cache compares and serves them.
+                snapshot.version_info, snapshot.size  # noqa: B018
             metrics.TOPOLOGY_RELOADS.labels("ok").inc()
             metrics.TOPOLOGY_BUILD_TIME.observe(time.monotonic() - started)
             return _Prepared(generation, content.revision, snapshots)

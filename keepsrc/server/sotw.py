@@ -94,8 +94,9 @@ class SotwStream(Stream):
         if entry is None or sub.settled is entry:
             return None
         current = entry.of_type(type_url, self.variant)
+        every = entry.wildcard_version(type_url, self.variant)
         if sub.wildcard:
-            if sub.version == entry.wildcard_version(type_url, self.variant):
+            if sub.version == every:
                 # Content-hash versions: the client holds exactly this snapshot's resources.
                 sub.held, sub.held_known, sub.settled = current, True, entry
                 return None
@@ -108,7 +109,8 @@ class SotwStream(Stream):
                 key: object = ("kept", type_url, self.variant, frozenset((n, r.version) for n, r in kept.items()))
             else:
                 resources, key = current, ("all", type_url, self.variant)
-            version, body = entry.sotw_response(type_url, key, lambda: list(resources.values()))
+            version, body = entry.sotw_response(type_url, key, lambda: list(resources.values()),
+                                                None if kept else every)
             if version == sub.version:
                 return None  # only removals are left, and they wait
             return _Response(version, body, resources)
@@ -119,7 +121,8 @@ class SotwStream(Stream):
             sub.settled = entry
             return None
         version, body = entry.sotw_response(type_url, ("named", type_url, self.variant, served),
-                                            lambda: [current[n] for n in served])
+                                            lambda: [current[n] for n in served],
+                                            every if len(served) == len(current) else None)
         forced = type_url == ENDPOINT and not self.refresh.isdisjoint(served)
         if version == sub.version and not forced:
             sub.settled = entry  # SotW never removes a named resource: nothing left to send

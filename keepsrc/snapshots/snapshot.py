@@ -99,11 +99,16 @@ class Snapshot:
 
     @cached_property
     def versions(self) -> Mapping[str, str]:
-        """The SotW version of each type: a hash over its resources' names and versions."""
+        """The SotW version of each type: a hash over its resources' names and versions, by name."""
         return {
-            type_url: content_version("\n".join(f"{n}={r.version}" for n, r in resources.items()).encode())
+            type_url: content_version("\n".join(f"{n}={r.version}" for n, r in sorted(resources.items())).encode())
             for type_url, resources in self.resources.items()
         }
+
+    @cached_property
+    def size(self) -> int:
+        """Bytes of every resource's body."""
+        return sum(len(r.body) for resources in self.resources.values() for r in resources.values())
 
     def version(self, type_url: str) -> str:
         return self.versions.get(type_url, content_version(b""))

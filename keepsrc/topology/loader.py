@@ -15,7 +15,7 @@ import ipaddress
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,8 @@ LISTENER_REQUIRED = {
     "protocol": "tcp, http or udp",
 }
 ROUTE_KEYS = ["prefix", "service"]
+# What each listener of a proxy has taken (a name, an address) -> (its key path, its node).
+Claims = dict[object, tuple[str, Node]]
 ROUTE_REQUIRED = {"prefix": "the path prefix to match, e.g. /", "service": "the upstream service name"}
 
 
@@ -327,8 +329,8 @@ class _Schema(Checker):
                     identities.append(identity)
         listeners: list[Listener] = []
         # Envoy refuses a second listener with a name or an address already taken on the same node.
-        names: dict[str, str] = {}
-        addresses: dict[object, str] = {}
+        names: Claims = {}
+        addresses: Claims = {}
         if "listeners" in keys:
             items = self.sequence(keys["listeners"][1], f"{path}.listeners", "a list of listeners") or []
             for i, item in enumerate(items):
@@ -348,16 +350,19 @@ class _Schema(Checker):
             return None
         return text
 
-    def claim(self, taken: dict[Any, str], value: object, node: Node, path: str, problem: str) -> None:
-        """Records that the listener at `path` uses `value`; reports it if an earlier listener does."""
-        listener_path, _, key = path.rpartition(".")
-        if value in taken:
-            self.report(node, path, f"{problem}: {taken[value]} has it; each listener needs its own {key}")
-        else:
-            taken[value] = f"{listener_path.rpartition('.')[2]} (line {node.start_mark.line + 1})"
+    def claim(self, taken: Claims, value: object, node: Node, path: str, problem: Callable[[], str]) -> None:
+        """Records that the listener at `path` uses `value`; reports it if an earlier listener does.
+        `problem` words the finding, only when there is one (thousands of listeners have none)."""
+        if value not in taken:
+            taken[value] = (path, node)
+            return
+        first_path, first_node = taken[value]
+        first = f"{first_path.rpartition('.')[0].rpartition('.')[2]} (line {first_node.start_mark.line + 1})"
+        key = path.rpartition(".")[2]
+        self.report(node, path, f"{problem()}: {first} has it; each listener needs its own {key}")
 
     def listener(
-        self, node: Node, path: str, proxy: str, names: dict[str, str], addresses: dict[object, str]
+        self, node: Node, path: str, proxy: str, names: Claims, addresses: Claims
     ) -> Listener | None:
         errors_before = self.errors
         keys = self.mapping(node, path, LISTENER_KEYS, LISTENER_REQUIRED)
@@ -371,16 +376,17 @@ class _Schema(Checker):
         if "name" in keys:
             values["name"] = self.name(keys["name"][1], f"{path}.name")
             if values["name"] is not None:
-                problem = f"duplicate listener name '{values['name']}' on proxy '{proxy}'"
-                self.claim(names, values["name"], keys["name"][1], f"{path}.name", problem)
+                name = values["name"]
+                self.claim(names, name, keys["name"][1], f"{path}.name",
+                           lambda: f"duplicate listener name '{name}' on proxy '{proxy}'")
         if "address" in keys:
             address = keys["address"][1]
             values["address"] = self.socket_address(address, f"{path}.address", allow_hostname=False)
             if values["address"] is not None:
-                problem = f"duplicate address {values['address']} on proxy '{proxy}'"
+                at = values["address"]
                 # A udp and a tcp socket may share an ip:port; two of one kind may not.
-                claimed = (protocol is Protocol.UDP, values["address"])
-                self.claim(addresses, claimed, address, f"{path}.address", problem)
+                self.claim(addresses, (protocol is Protocol.UDP, at), address, f"{path}.address",
+                           lambda: f"duplicate address {at} on proxy '{proxy}'")
         misplaced = self.misplaced(keys, path, protocol)
         placed = {key: keys[key] for key in keys if key not in misplaced} if misplaced else keys
         values.update(self.fields(placed, path, self.listener_parsers))
