@@ -120,16 +120,19 @@ class SotwStream(Stream):
             # remove nothing in SotW, and before the first one Envoy should wait, not get [].
             sub.settled = entry
             return None
-        version, body = entry.sotw_response(type_url, ("named", type_url, self.variant, served),
-                                            lambda: [current[n] for n in served],
-                                            every if len(served) == len(current) else None)
         forced = type_url == ENDPOINT and not self.refresh.isdisjoint(served)
+        everything = len(served) == len(current)
+        if everything and every == sub.version and not forced:
+            sub.settled = entry  # it holds all of the type already: nothing to encode
+            return None
+        version, body = entry.sotw_response(type_url, ("named", type_url, self.variant, served),
+                                            lambda: [current[n] for n in served], every if everything else None)
         if version == sub.version and not forced:
             sub.settled = entry  # SotW never removes a named resource: nothing left to send
             return None
         # Usually every resource of the type is asked for: the client then holds the snapshot's own
         # mapping, not a copy per stream.
-        held = current if len(served) == len(current) else {n: current[n] for n in served}
+        held = current if everything else {n: current[n] for n in served}
         return _Response(version, body, held)
 
     async def send(self, type_url: str, sub: _Subscription, response: _Response) -> None:
