@@ -75,6 +75,11 @@ IPV4_RE = re.compile(rf"{_OCTET}(\.{_OCTET}){{3}}")  # dotted quad in canonical 
 # The common endpoint, a canonical ip:port with a port of 1-65535's digits, in one match; anything
 # else takes the general path, which says what is wrong. 50,000 endpoints make this count.
 IPV4_PORT_RE = re.compile(rf"(?P<host>{_OCTET}(\.{_OCTET}){{3}}):(?P<port>[1-9][0-9]{{0,4}})")
+# A list of them, one a line, ports 1-65535 by their digits: a service's endpoints checked in one match.
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+_PLAIN_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_ENDPOINT = rf"{_PLAIN_OCTET}(?:\.{_PLAIN_OCTET}){{3}}:{_PORT}"
+IPV4_PORTS_RE = re.compile(rf"{_ENDPOINT}(?:\n{_ENDPOINT})*")
 # The SPIFFE ID grammar (spiffe.io, SPIFFE-ID.md): a lowercase trust domain and a non-empty path.
 SPIFFE_ID_RE = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+")
 INTERFACE_RE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")  # IFNAMSIZ is 16 including the NUL
@@ -231,20 +236,16 @@ class _Schema(Checker):
         items = self.sequence(node, path, "a list of ip:port or hostname:port")
         if items == []:
             self.report(node, path, "a service needs at least one endpoint (ip:port or hostname:port)")
+        common = _common_endpoints(items) if items else None
+        if common is not None:
+            return common
         endpoints: list[SocketAddress] = []
-        seen: set[tuple[str, int]] = set()  # plain tuples: hashing 50,000 dataclasses shows
+        seen: set[tuple[str, int]] = set()
         for i, item in enumerate(items or []):
-            # The common endpoint, a plain canonical ip:port, without building its key path or a
-            # message; 50,000 endpoints make this the loop that counts. Anything else takes the way
-            # that says what is wrong.
-            common = IPV4_PORT_RE.fullmatch(item.value) if type(item) is ScalarNode and item.tag == STR_TAG else None
-            if common is not None and (key := (common["host"], int(common["port"])))[1] <= 65535:
-                address = SocketAddress(*key)
-            else:
-                address = self.socket_address(item, f"{path}[{i}]", allow_hostname=True)
-                if address is None:
-                    continue
-                key = (address.host, address.port)
+            address = self.socket_address(item, f"{path}[{i}]", allow_hostname=True)
+            if address is None:
+                continue
+            key = (address.host, address.port)
             if key in seen:
                 self.report(item, f"{path}[{i}]", f"duplicate endpoint '{address}'; list each endpoint once")
             else:
@@ -968,6 +969,22 @@ def _address_problem(text: str) -> str:
     if not re.search(r":[0-9]+$", text):
         return f"{quoted(text)} has no port"
     return f"{quoted(text)} is not an address"
+
+
+def _common_endpoints(items: list[Node]) -> tuple[SocketAddress, ...] | None:
+    """The endpoints of a list that holds only the common kind, distinct canonical ip:port strings,
+    checked in one match instead of one at a time (50,000 endpoints make this the loop that counts);
+    None for any other list, which the checks one endpoint at a time then word findings for."""
+    texts = [item.value for item in items if type(item) is ScalarNode and item.tag == STR_TAG]
+    if len(texts) != len(items):
+        return None
+    joined = "\n".join(texts)
+    # A quoted value may hold a line break itself; then the count of them says so.
+    if joined.count("\n") != len(texts) - 1 or not IPV4_PORTS_RE.fullmatch(joined) or len(set(texts)) != len(texts):
+        return None
+    # Canonical text: equal strings are equal addresses and distinct ones distinct, so the set
+    # above found any duplicate.
+    return tuple(SocketAddress(host, int(port)) for host, _, port in (text.rpartition(":") for text in texts))
 
 
 def _is_ipv6(text: str) -> bool:
