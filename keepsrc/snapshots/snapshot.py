@@ -32,6 +32,9 @@ def content_version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+EMPTY_VERSION = content_version(b"")  # of a type with no resources
+
+
 class Resource:
     """One xDS resource: wire bytes (serialized once), content version, and its typed message.
 
@@ -111,7 +114,7 @@ class Snapshot:
         return sum(len(r.body) for resources in self.resources.values() for r in resources.values())
 
     def version(self, type_url: str) -> str:
-        return self.versions.get(type_url, content_version(b""))
+        return self.versions.get(type_url, EMPTY_VERSION)
 
     @cached_property
     def version_info(self) -> str:
