@@ -5,7 +5,9 @@ both after the same file watcher) and takes each type's response from keepsrc's 
 stream it only answers each new subscription with the whole type and ignores ACKs, and on a change
 writes the new endpoints to every stream, one task per write. No ACK/NACK bookkeeping, no
 ordering, no status: what is left is what grpc.aio itself costs per stream and per message.
-With --workers N, N such processes share the port (SO_REUSEPORT), as `keepsrc serve --workers N`.
+With --workers N, N such processes share the port (SO_REUSEPORT), as `keepsrc serve --workers N`;
+each runs with `keepsrc serve`'s cycle-collector thresholds, so that keepsrc / floor compares the
+xDS logic, not the runtime's settings.
 
     python benchmarks/ads_baseline_server.py 127.0.0.1:PORT TOPOLOGY.yaml [--workers N]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import signal
 import subprocess
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from keepsrc.server import wire
 from keepsrc.server.cache import SnapshotCache
+from keepsrc.server.cli import SERVING_GC_THRESHOLDS
 from keepsrc.server.reload import TopologySource
 from keepsrc.snapshots.snapshot import ENDPOINT, TYPE_ORDER
 
@@ -114,6 +118,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.workers == 1 or args.worker:
+        gc.set_threshold(*SERVING_GC_THRESHOLDS)
         asyncio.run(serve(args.address, args.topology, reuseport=args.worker))
         return
     workers = [subprocess.Popen([sys.executable, __file__, args.address, str(args.topology), "--worker"])
