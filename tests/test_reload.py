@@ -19,6 +19,7 @@ from keepsrc.server import SnapshotCache, TopologySource
 from keepsrc.server import reload as reload_module
 from keepsrc.snapshots.builder import build_snapshots
 from keepsrc.snapshots.snapshot import Snapshot
+from keepsrc.store import file as file_store
 from keepsrc.topology import check_topology_text
 
 QUICKSTART = (Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml").read_text()
@@ -200,6 +201,26 @@ def test_a_file_removed_and_written_again_is_read_once_with_no_error(
     with caplog.at_level(logging.INFO, "keepsrc.server"):
         watching(path, test)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_without_inotify_the_file_is_not_watched_it_says_so_and_sighup_still_reloads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off Linux asyncinotify cannot load: `serve` must still run, and say how to reload."""
+    monkeypatch.setattr(file_store, "Inotify", None)
+    path = tmp_path / "topology.yaml"
+    path.write_text(web_on(8080))
+
+    async def test(source: TopologySource, cache: SnapshotCache) -> None:
+        path.write_text(web_on(8081))
+        await asyncio.sleep(0.3)
+        assert source.loads == 1 and served(cache) == version_of(web_on(8080))
+        await source.reload(force=True)  # what SIGHUP does
+        assert served(cache) == version_of(web_on(8081))
+
+    with caplog.at_level(logging.WARNING, "keepsrc.server"):
+        watching(path, test)
+    assert "this system has no inotify; send SIGHUP to reload it" in caplog.text
 
 
 def test_a_symlink_to_another_directory_is_followed_there_and_when_it_moves(tmp_path: Path) -> None:

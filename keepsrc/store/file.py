@@ -12,7 +12,10 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from asyncinotify import Inotify, Mask
+try:  # Linux's inotify. Elsewhere (asyncinotify raises on import) a file is reloaded on SIGHUP only.
+    from asyncinotify import Inotify, Mask
+except (ImportError, RuntimeError, OSError):
+    Inotify = Mask = None  # type: ignore[assignment,misc]
 
 from keepsrc.store.base import Content, Store, until_stopped
 
@@ -23,10 +26,11 @@ MAX_SYMLINKS = 40  # as the kernel: more links in one lookup is a loop (ELOOP)
 # inotify events on the directories the path resolves through. COMPLETE: the file (or a symlink on
 # the way) is whole now. GONE: it went away; a replacement may follow. REARM: the watch itself is
 # gone (a watched directory removed or moved) or events were lost (queue overflow).
-COMPLETE = Mask.CLOSE_WRITE | Mask.MOVED_TO
-GONE = Mask.DELETE | Mask.MOVED_FROM | Mask.ATTRIB
-REARM = Mask.IGNORED | Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.UNMOUNT | Mask.Q_OVERFLOW
-WATCHED = COMPLETE | GONE | Mask.CREATE | Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.ONLYDIR
+if Mask is not None:
+    COMPLETE = Mask.CLOSE_WRITE | Mask.MOVED_TO
+    GONE = Mask.DELETE | Mask.MOVED_FROM | Mask.ATTRIB
+    REARM = Mask.IGNORED | Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.UNMOUNT | Mask.Q_OVERFLOW
+    WATCHED = COMPLETE | GONE | Mask.CREATE | Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.ONLYDIR
 
 
 def resolution(path: Path) -> tuple[Path, list[Path]]:
@@ -109,6 +113,10 @@ class FileStore(LocalStore):
         half a file is never served, even one that would be valid. The file being removed or
         renamed away waits `debounce_ms` for its replacement before it is reported missing.
         """
+        if Inotify is None:
+            log.warning("%s is not watched: this system has no inotify; send SIGHUP to reload it", self.name)
+            await stop.wait()
+            return
         while not stop.is_set():
             _, met = resolution(self.path)
             relevant = set(met)
