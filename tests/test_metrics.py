@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from keepsrc.demo.netns import stop_process
 from tests.support.envoy import envoy_path, free_port
 from tests.support.envoy_lab import SeqLab, envoy_for, http_backend, seq_lab, tcp_backend
 from tests.support.serve import Serve, until
@@ -58,12 +59,7 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[int, Path]]:
               30, "Prometheus ready")
         yield port, config
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
 
 
 def test_prometheus_sees_pushes_convergence_and_rejects(lab: SeqLab, tmp_path: Path,

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from keepsrc.demo.backends import TcpBackend
 from keepsrc.server.status import fetch
 from tests.support.envoy import Envoy, envoy_path, free_port
 from tests.support.envoy_lab import Traffic, envoy_for, tcp_backend
-from tests.support.serve import until
+from tests.support.serve import Serve, until
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXIES = ("edge-a", "edge-b")
@@ -36,17 +35,11 @@ UPDATE_COUNTERS = ("cluster_manager.cds.update_success", "listener_manager.lds.u
 MAX_PLACEMENT_TRIES = 20
 
 
-class Workers:
+class Workers(Serve):
     """`keepsrc serve --workers 2` as a process; its workers found through /proc and its log."""
 
     def __init__(self, topology: Path, workdir: Path) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self.log = workdir / "serve.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "keepsrc", "serve", str(topology), "--listen", f"127.0.0.1:{self.port}",
-             "--metrics", f"127.0.0.1:{self.metrics_port}", "--workers", "2", "--debounce-ms", "100"],
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        super().__init__(workdir, str(topology), "--workers", "2", "--debounce-ms", "100")
         until(lambda: self.run_dir is not None, 30, "the supervisor's run directory")
         until(lambda: all(self.status(i) is not None for i in (0, 1)), 30, "both workers serving")
 
@@ -76,19 +69,6 @@ class Workers:
                         spec = argv[argv.index(b"--worker") + 1].decode()
                         pids[int(spec.split(":")[-3])] = int(pid)
         return pids
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=3) as response:
-            return response.read().decode()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture

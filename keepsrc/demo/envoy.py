@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from keepsrc.demo.netns import stop_process
+
 
 class EnvoyMissing(RuntimeError):
     pass
@@ -138,14 +140,8 @@ class Envoy:
         return "\n".join((text.splitlines() + stderr.splitlines())[-lines:])
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
 
     def __enter__(self) -> Envoy:
         return self.start()

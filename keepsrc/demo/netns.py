@@ -79,16 +79,21 @@ def sweep_leftovers() -> list[str]:
     return swept
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5) -> int:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout` seconds; its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(timeout)
+
+
 def stop_processes(processes: list[subprocess.Popen[Any]]) -> None:
     """Terminate (then kill) each process still running, newest first, and forget them all."""
     for proc in reversed(processes):
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc)
     processes.clear()
 
 

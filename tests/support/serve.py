@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from keepsrc.demo.netns import stop_process
 from tests.support.envoy import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -58,6 +59,4 @@ class Serve:
         return 0.0
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(15)
+        return stop_process(self.proc, 15)
