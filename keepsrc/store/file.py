@@ -154,7 +154,7 @@ class FileStore(LocalStore):
                     if missing is not None:
                         missing.cancel()
                     missing = loop.call_later(grace, read, what)
-                # MODIFY and a new regular file's CREATE: its CLOSE_WRITE follows.
+                # A new regular file's CREATE: its CLOSE_WRITE follows (writes, MODIFY, are not watched).
                 if set(resolution(self.path)[1]) != relevant:
                     return  # watch what the path resolves through now
         finally:

@@ -70,15 +70,14 @@ _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
 BRACKETED_ADDRESS_RE = re.compile(r"\[([^\]]*)\]:([0-9]+)")
 ADDRESS_RE = re.compile(r"([^:\[\]]+):([0-9]+)")
-_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 IPV4_RE = re.compile(rf"{_OCTET}(\.{_OCTET}){{3}}")  # dotted quad in canonical form: no leading zeros
 # The common endpoint, a canonical ip:port with a port of 1-65535's digits, in one match; anything
 # else takes the general path, which says what is wrong. 50,000 endpoints make this count.
 IPV4_PORT_RE = re.compile(rf"(?P<host>{_OCTET}(\.{_OCTET}){{3}}):(?P<port>[1-9][0-9]{{0,4}})")
 # A list of them, one a line, ports 1-65535 by their digits: a service's endpoints checked in one match.
 _PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
-_PLAIN_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_ENDPOINT = rf"{_PLAIN_OCTET}(?:\.{_PLAIN_OCTET}){{3}}:{_PORT}"
+_ENDPOINT = rf"{_OCTET}(?:\.{_OCTET}){{3}}:{_PORT}"
 IPV4_PORTS_RE = re.compile(rf"{_ENDPOINT}(?:\n{_ENDPOINT})*")
 # The SPIFFE ID grammar (spiffe.io, SPIFFE-ID.md): a lowercase trust domain and a non-empty path.
 SPIFFE_ID_RE = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+")
@@ -137,9 +136,9 @@ LISTENER_REQUIRED = {
     "protocol": "tcp, http or udp",
 }
 ROUTE_KEYS = ["prefix", "service"]
+ROUTE_REQUIRED = {"prefix": "the path prefix to match, e.g. /", "service": "the upstream service name"}
 # What each listener of a proxy has taken (a name, an address) -> (its key path, its node).
 Claims = dict[object, tuple[str, Node]]
-ROUTE_REQUIRED = {"prefix": "the path prefix to match, e.g. /", "service": "the upstream service name"}
 
 
 class _Schema(Checker):
