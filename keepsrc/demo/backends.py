@@ -72,6 +72,17 @@ class TcpBackend:
         self._sock.close()
 
 
+def tcp_first_word(port: int, timeout: float = 3) -> str:
+    """A line sent to 127.0.0.1:`port`, and the first word of what comes back: the answering
+    TcpBackend's 'backend:NAME' through any proxies on the way ('' if nothing came back)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(b"hello\n")
+        reply = b""
+        while chunk := conn.recv(4096):
+            reply += chunk
+    return reply.decode().split()[0] if reply else ""
+
+
 @dataclass
 class TlsBackend:
     """A TLS server that reads an optional PROXY header in the clear, then the handshake, then echoes

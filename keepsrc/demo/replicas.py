@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from keepsrc.demo.backends import tcp_first_word
 from keepsrc.demo.envoy import Envoy, free_port
 from keepsrc.demo.netns import stop_processes, wait_for
 from keepsrc.demo.xds_mtls import SERVER_NAME, XdsPki
@@ -50,17 +51,10 @@ proxies:
 
 def _tcp(port: int) -> str:
     """The first word a demo TCP backend answers through the Envoy ('backend:t1'), or 'refused'."""
-    import socket
-
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=3) as conn:
-            conn.sendall(b"hello\n")
-            reply = b""
-            while chunk := conn.recv(4096):
-                reply += chunk
+        return tcp_first_word(port) or "refused"
     except OSError:
         return "refused"
-    return reply.decode().split()[0] if reply else "refused"
 
 
 def _serving(target: str, pki: XdsPki) -> bool:

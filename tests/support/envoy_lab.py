@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -27,7 +26,7 @@ import grpc
 from envoy.admin.v3 import config_dump_shared_pb2
 from envoy.service.status.v3 import csds_pb2
 
-from keepsrc.demo.backends import HttpBackend, TcpBackend
+from keepsrc.demo.backends import HttpBackend, TcpBackend, tcp_first_word
 from keepsrc.server import SnapshotCache, TopologySource, start
 from keepsrc.server.service import XdsServer
 from keepsrc.server.status import fetch
@@ -277,12 +276,7 @@ def http_backend(port: int, path: str = "/", timeout: float = 3) -> str:
 
 
 def tcp_backend(port: int, timeout: float = 3) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
-        conn.sendall(b"hello\n")
-        reply = b""
-        while chunk := conn.recv(4096):
-            reply += chunk
-    return reply.decode().split()[0] if reply else ""
+    return tcp_first_word(port, timeout)
 
 
 @dataclass
