@@ -199,6 +199,14 @@ class Engine:
             second = self.compose("down", "--volumes", "--remove-orphans", "--timeout", "5", profile=profile)
             assert second.returncode == 0, f"docker-compose down failed twice:\n{first.stderr}\n{second.stderr}"
 
+    def assert_nothing_left(self) -> None:
+        """After `down`: no container, network or volume of the project remains."""
+        assert self.project_containers() == [], "containers left after docker-compose down"
+        networks = _run([self.podman, "network", "ls", "--format", "{{.Name}}"]).stdout.split()
+        assert f"{PROJECT}_lab" not in networks, "the lab network is left after docker-compose down"
+        volumes = _run([self.podman, "volume", "ls", "--format", "{{.Name}}"]).stdout.split()
+        assert f"{PROJECT}_pki" not in volumes, "the certificates' volume is left after docker-compose down --volumes"
+
     def services(self, profile: str) -> list[str]:
         result = self.compose("config", "--services", profile=profile)
         assert result.returncode == 0, result.stderr
@@ -455,11 +463,7 @@ def test_compose_up_shows_the_client_address(engine: Engine, scenario: str) -> N
                 assert code == "0", f"{name} exited {code}"
     finally:
         engine.down(scenario)
-    assert engine.project_containers() == [], "containers left after docker-compose down"
-    networks = _run([engine.podman, "network", "ls", "--format", "{{.Name}}"]).stdout.split()
-    assert f"{PROJECT}_lab" not in networks, "the lab network is left after docker-compose down"
-    volumes = _run([engine.podman, "volume", "ls", "--format", "{{.Name}}"]).stdout.split()
-    assert f"{PROJECT}_pki" not in volumes, "the certificates' volume is left after docker-compose down --volumes"
+    engine.assert_nothing_left()
 
 
 # -- the profile `replicas`: two `keepsrc serve --store etcd://...`, one Envoy listing both ------------
@@ -593,8 +597,4 @@ def test_compose_up_replicas(engine: Engine) -> None:
                 traffic.kill()
                 traffic.communicate(timeout=10)
         engine.down(p)
-    assert engine.project_containers() == [], "containers left after docker-compose down"
-    networks = _run([engine.podman, "network", "ls", "--format", "{{.Name}}"]).stdout.split()
-    assert f"{PROJECT}_lab" not in networks, "the lab network is left after docker-compose down"
-    volumes = _run([engine.podman, "volume", "ls", "--format", "{{.Name}}"]).stdout.split()
-    assert f"{PROJECT}_pki" not in volumes, "the certificates' volume is left after docker-compose down --volumes"
+    engine.assert_nothing_left()
