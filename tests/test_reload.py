@@ -21,13 +21,7 @@ from keepsrc.snapshots.builder import build_snapshots
 from keepsrc.snapshots.snapshot import Snapshot
 from keepsrc.store import file as file_store
 from keepsrc.topology import check_topology_text
-
-QUICKSTART = (Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml").read_text()
-
-
-def web_on(port: int) -> str:
-    """The quickstart topology with its http backend on `port`."""
-    return QUICKSTART.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+from tests.support.quickstart import QUICKSTART, web_on
 
 
 def version_of(text: str, node: str = "ingress") -> str:

@@ -21,15 +21,11 @@ from keepsrc.snapshots.snapshot import LISTENER
 from keepsrc.store import parse_etcd_url
 from keepsrc.topology import check_topology_text
 from tests.support.etcd_lab import ROOT, EtcdCluster, Replica, etcd_cluster, keepsrc, make_certs, push, wait_for
+from tests.support.quickstart import QUICKSTART, web_on
 from tests.support.xds_client import XdsClient
 
-QUICKSTART = (ROOT / "examples" / "quickstart.yaml").read_text()
 KEY = "/keepsrc/test/topology.yaml"
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-
-
-def web_on(port: int) -> str:
-    return QUICKSTART.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
 
 
 def listener_version(text: str, node: str = "ingress") -> str:
