@@ -18,11 +18,13 @@ import pytest
 from keepsrc.snapshots.bootstrap import static_bootstrap
 from keepsrc.snapshots.render import to_dict
 from keepsrc.topology import SocketAddress, Topology, check_topology_text
+from keepsrc.topology.loader import check_plain, check_precisely
 from tests.test_envoy_static import _envoy_check, _has_proxy_protocol_health_check
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = [*sorted((ROOT / "keepsrc" / "examples").glob("*.yaml")), *sorted((ROOT / "tests/golden/in").glob("*.yaml"))]
 MUTANTS = 2000
+DIFFERENTIAL_MUTANTS = 4000
 ENVOY_SAMPLE = 40
 SEED = 20_260_611
 PER_MUTANT_LIMIT_S = 2.0
@@ -43,6 +45,9 @@ def interesting_values(log_dir: Path) -> list[str]:
         "tcp", "udp", "http", "v1", "v2", "v3", "ring_hash", "maglev", "client_ip", "direct_peer", "gateway",
         "local", "eth1", "an-interface-name", "stdout", "stderr", "relative.log", f"{log_dir}/access.log",
         f"{log_dir}/" + "l" * 251 + ".log", f"{log_dir}/" + "l" * 252 + ".log", f"{log_dir}/", "\t", "é",
+        # Read one way by YAML 1.1 (PyYAML, the precise pass) and another by YAML 1.2 (yaml-rs, the plain pass).
+        "017", "0o17", "0b11", "1_000", "+5", "0x10", "190:20:30", "on", "Off", "yes", "'017'", "'on'", "1e3",
+        "1.2", "1.20", ".inf", "0.", "2001-12-14 21:59:43", "=", "'<<'",
     ]
 
 
@@ -121,3 +126,23 @@ def test_mutants_get_diagnostics_and_accepted_ones_pass_envoy(tmp_path: Path) ->
             _envoy_check(config, tmp_path / f"{i}.json", "validate")
         except AssertionError as exc:
             pytest.fail(f"keepsrc accepted this mutant (node {node}) and Envoy refused it:\n{mutant}\n{exc}")
+
+
+def test_the_plain_pass_accepts_only_what_the_precise_pass_accepts_and_as_the_same_topology(tmp_path: Path) -> None:
+    """The plain pass (yaml-rs, YAML 1.2, no positions) answers for valid files; whatever it accepts,
+    the precise pass (PyYAML, YAML 1.1, every finding placed) must accept with no finding, as an
+    equal Topology. Where it declines, the precise pass answers alone."""
+    values = interesting_values(tmp_path)
+    rng = random.Random(SEED + 1)
+    seeds = [path.read_text() for path in SEEDS]
+    plain_accepted = 0
+    for _ in range(DIFFERENTIAL_MUTANTS):
+        mutant = mutate(rng.choice(seeds), rng, values)
+        plain = check_plain(mutant, "fuzz.yaml")
+        precise, diagnostics = check_precisely(mutant, "fuzz.yaml")
+        if plain is not None:
+            plain_accepted += 1
+            assert (plain, []) == (precise, diagnostics), f"the passes differ on:\n{mutant}"
+        assert check_topology_text(mutant, "fuzz.yaml") == (precise, diagnostics)
+    # Valid mutants are a minority; the plain pass must still have answered for many of them.
+    assert plain_accepted > DIFFERENTIAL_MUTANTS // 20, plain_accepted

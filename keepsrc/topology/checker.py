@@ -52,6 +52,7 @@ T = TypeVar("T")
 Keys = dict[str, tuple[Node, Node]]
 Parsers = dict[str, tuple[str, Callable[[Node, str], Any]]]  # key -> (model field, parser of its value)
 STR_TAG = "tag:yaml.org,2002:str"
+FLOAT_TAG = "tag:yaml.org,2002:float"
 UNREADABLE = object()  # a scalar whose explicit tag could not construct it (e.g. `!!int abc`)
 
 
@@ -183,8 +184,13 @@ class Checker:
         return out
 
     def fields(self, keys: Keys, path: str, parsers: Parsers) -> dict[str, Any]:
-        """Model field -> value, for each key present, parsed by its parser; None where it was reported."""
-        return {field: parse(keys[key][1], f"{path}.{key}") for key, (field, parse) in parsers.items() if key in keys}
+        """Model field -> value, for each key present that has a parser; None where it was reported."""
+        out = {}
+        for key, (_, value) in keys.items():
+            if key in parsers:
+                field, parse = parsers[key]
+                out[field] = parse(value, f"{path}.{key}")
+        return out
 
     def named_mapping(self, node: Node, path: str, what: str) -> list[tuple[str, Node]]:
         """A mapping whose keys are user-chosen names (services, proxies): [(name, value node)]."""
@@ -215,6 +221,34 @@ class Checker:
             self.report(node, path, f"expected {what}, got {self.show(node)}")
             return None
         return list(node.value)
+
+    # -- what the schema reads of a node besides the checks --------------------------------
+    def is_mapping(self, node: Node) -> bool:
+        return isinstance(node, MappingNode)
+
+    def line(self, node: Node) -> int:
+        return node.start_mark.line + 1  # type: ignore[no-any-return]
+
+    def value_at(self, node: Node, key: str) -> Node | None:
+        """The value of `key` in a mapping node, or None."""
+        if isinstance(node, MappingNode):
+            return next((value for key_node, value in node.value if key_node.value == key), None)
+        return None
+
+    def joined_texts(self, items: list[Node]) -> str | None:
+        """The items' text joined by line breaks, when each is a text scalar; None when any is not."""
+        texts = [item.value for item in items if type(item) is ScalarNode and item.tag == STR_TAG]
+        return "\n".join(texts) if len(texts) == len(items) else None
+
+    def scalar_value(self, node: Node) -> Any:
+        """What a scalar node holds (see construct); None for a mapping or a list."""
+        return self.construct(node) if isinstance(node, ScalarNode) else None
+
+    def number_as_text(self, node: Node) -> Node:
+        """A number written unquoted where text is meant (`min_version: 1.2`) as the text it was written."""
+        if isinstance(node, ScalarNode) and node.tag == FLOAT_TAG:
+            return ScalarNode(STR_TAG, node.value, node.start_mark, node.end_mark)
+        return node
 
     # -- scalars ---------------------------------------------------------------------------
     def construct(self, node: ScalarNode) -> Any:

@@ -24,10 +24,9 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.utils import CryptographyDeprecationWarning
-from yaml.nodes import MappingNode, Node, ScalarNode
+from yaml.nodes import Node
 
 from keepsrc.topology.checker import (
-    STR_TAG,
     Checker,
     Keys,
     Parsers,
@@ -61,6 +60,7 @@ from keepsrc.topology.model import (
     UpstreamTls,
     Xff,
 )
+from keepsrc.topology.plain import NeedsPositions, PlainChecker, read_plain
 from keepsrc.topology.reader import API_VERSION, compose, max_bytes_limit, too_large, utf8_size
 
 __all__ = ["check_topology", "check_topology_bytes", "check_topology_text", "cycle_collection_paused", "load_topology"]
@@ -100,6 +100,7 @@ LISTENER_KEYS = [
 # An SNI name: a hostname, or a wildcard for one level of subdomains (Envoy's server_names).
 SERVER_NAME_RE = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
 ALPN = ["h2", "http/1.1"]
+PROTOCOLS_ALL = frozenset(Protocol)
 _TCP_HTTP = frozenset({Protocol.TCP, Protocol.HTTP})
 _TCP_UDP = frozenset({Protocol.TCP, Protocol.UDP})
 _RBAC = "keepsrc enforces it with an RBAC filter, which a udp listener has no place for"
@@ -144,8 +145,8 @@ Claims = dict[object, tuple[str, Node]]
 class _Schema(Checker):
     """Schema v1 on top of the generic checks: builds model objects while it reports."""
 
-    def __init__(self, file: str) -> None:
-        super().__init__(file)
+    def __init__(self, file: str, **checker: Any) -> None:
+        super().__init__(file, **checker)
         # Every defined service name, valid definition or not, so a broken service is not also "unknown".
         self.service_names: dict[str, None] = {}
         self.service_suggestions = Suggestions(())
@@ -235,7 +236,8 @@ class _Schema(Checker):
         items = self.sequence(node, path, "a list of ip:port or hostname:port")
         if items == []:
             self.report(node, path, "a service needs at least one endpoint (ip:port or hostname:port)")
-        common = _common_endpoints(items) if items else None
+        joined = self.joined_texts(items) if items else None
+        common = _common_endpoints(joined, len(items)) if joined is not None and items else None
         if common is not None:
             return common
         endpoints: list[SocketAddress] = []
@@ -254,7 +256,7 @@ class _Schema(Checker):
 
     def health_check(self, node: Node, path: str) -> HealthCheck | None:
         allowed = ["interval", "timeout", "unhealthy_threshold", "healthy_threshold"]
-        if not isinstance(node, MappingNode):
+        if not self.is_mapping(node):
             return HealthCheck() if self.switch(node, path, allowed) else None
         parsers: Parsers = {
             "interval": ("interval_ms", self.duration_ms),
@@ -357,7 +359,7 @@ class _Schema(Checker):
             taken[value] = (path, node)
             return
         first_path, first_node = taken[value]
-        first = f"{first_path.rpartition('.')[0].rpartition('.')[2]} (line {first_node.start_mark.line + 1})"
+        first = f"{first_path.rpartition('.')[0].rpartition('.')[2]} (line {self.line(first_node)})"
         key = path.rpartition(".")[2]
         self.report(node, path, f"{problem()}: {first} has it; each listener needs its own {key}")
 
@@ -412,9 +414,12 @@ class _Schema(Checker):
 
     def misplaced(self, keys: Keys, path: str, protocol: Protocol | None) -> set[str]:
         """Reports and returns the keys this listener's protocol has no use for."""
-        misplaced = set()
-        for key, (protocols, instead) in PROTOCOL_KEYS.items():
-            if key in keys and protocol is not None and protocol not in protocols:
+        misplaced: set[str] = set()
+        if protocol is None:
+            return misplaced
+        for key in keys:
+            protocols, instead = PROTOCOL_KEYS.get(key, (PROTOCOLS_ALL, ""))
+            if protocol not in protocols:
                 misplaced.add(key)
                 kinds = " and ".join(p.value for p in Protocol if p in protocols)
                 self.report(
@@ -448,7 +453,7 @@ class _Schema(Checker):
 
     def service_ref(self, node: Node, path: str) -> str | None:
         known = self.service_names
-        name = self.construct(node) if isinstance(node, ScalarNode) else None
+        name = self.scalar_value(node)
         if not isinstance(name, str):
             what = f"a service name ({listing(known) or 'none defined'})"
             self.report(node, path, f"expected {what}, got {self.show(node)}")
@@ -498,7 +503,7 @@ class _Schema(Checker):
                 shadow = parsed[first][2]
                 self.report(
                     node, f"{path}[{i}].prefix",
-                    f"prefix {quoted(prefix)} is never matched: routes[{first}] (line {first_node.start_mark.line + 1})"
+                    f"prefix {quoted(prefix)} is never matched: routes[{first}] (line {self.line(first_node)})"
                     f" has prefix {quoted(shadow or '')}, which matches first; list longer prefixes first and each"
                     " prefix once",
                 )
@@ -528,7 +533,7 @@ class _Schema(Checker):
 
     def accept_proxy_protocol(self, node: Node, path: str) -> AcceptProxyProtocol | None:
         allowed = ["versions", "optional", "pass_through_tlvs"]
-        if not isinstance(node, MappingNode):
+        if not self.is_mapping(node):
             return AcceptProxyProtocol() if self.switch(node, path, allowed) else None
         keys = self.keys(node, path, allowed)
         parsers: Parsers = {
@@ -564,7 +569,7 @@ class _Schema(Checker):
 
     def original_src(self, node: Node, path: str) -> OriginalSrc | None:
         allowed = ["mark", "placement", "upstream_interface", "table"]
-        if not isinstance(node, MappingNode):
+        if not self.is_mapping(node):
             return OriginalSrc() if self.switch(node, path, allowed) else None
         keys = self.keys(node, path, allowed)
         parsers: Parsers = {
@@ -685,22 +690,25 @@ class _Schema(Checker):
             return None
         # Envoy picks a filter chain by SNI: one name in two chains, or two chains for clients
         # without a known name, is a listener Envoy refuses.
-        claimed: dict[str, str] = {}
-        for i, (item, certificate) in enumerate(zip(items, certificates, strict=True)):
-            assert certificate is not None and isinstance(item, MappingNode)
-            names = [value for key, value in item.value if key.value == "server_names"]
-            where = names[0] if names else item
+        claimed: dict[str, int] = {}  # name -> index of the certificate serving it ('' for the default)
+        for i, certificate in enumerate(certificates):
+            assert certificate is not None
             for name in certificate.server_names or ("",):
                 if name in claimed:
-                    problem = (f"server name {quoted(name)} is already served by {claimed[name]}; each name picks one"
+                    first = claimed[name]
+                    by = f"{path.rpartition('.')[2]}[{first}] (line {self.line(self.names_or_item(items[first]))})"
+                    problem = (f"server name {quoted(name)} is already served by {by}; each name picks one"
                                " certificate" if name else
-                               f"{claimed[name]} is already the default certificate (no server_names); give this"
+                               f"{by} is already the default certificate (no server_names); give this"
                                " one server_names, or remove one of the two")
-                    self.report(where, f"{path}[{i}].server_names", problem)
+                    self.report(self.names_or_item(items[i]), f"{path}[{i}].server_names", problem)
                     return None
-                what = f"{path.rpartition('.')[2]}[{i}] (line {where.start_mark.line + 1})"
-                claimed[name] = what
+                claimed[name] = i
         return tuple(c for c in certificates if c is not None)
+
+    def names_or_item(self, item: Node) -> Node:
+        """Where a certificate's server names are written: its server_names, or the certificate itself."""
+        return self.value_at(item, "server_names") or item
 
     def certificate(self, node: Node, path: str, server_names: bool) -> Certificate | None:
         allowed = ["cert", "key", "server_names"] if server_names else ["cert", "key"]
@@ -761,7 +769,7 @@ class _Schema(Checker):
             self.report(
                 key_node, f"{path}.key",
                 f"{quoted(certificate.key)} does not match the certificate in {quoted(certificate.cert)} (line"
-                f" {cert_node.start_mark.line + 1}): its public key differs; use the key it was issued for",
+                f" {self.line(cert_node)}): its public key differs; use the key it was issued for",
             )
         if not os.access(os.path.dirname(certificate.cert), os.W_OK):
             self.report(
@@ -850,10 +858,8 @@ class _Schema(Checker):
         return None if None in protocols else tuple(dict.fromkeys(p for p in protocols if p is not None))
 
     def tls_version(self, node: Node, path: str) -> TlsVersion | None:
-        if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:float":
-            # `1.2` unquoted is a number to YAML; it can only mean the version.
-            node = ScalarNode(STR_TAG, node.value, node.start_mark, node.end_mark)
-        return self.choice(node, path, TlsVersion, TLS_VERSIONS)
+        # `1.2` unquoted is a number to YAML; it can only mean the version.
+        return self.choice(self.number_as_text(node), path, TlsVersion, TLS_VERSIONS)
 
     def sni_routes(self, node: Node, path: str) -> tuple[SniRoute, ...] | None:
         items = self.sequence(node, path, "a list of {server_names, service}")
@@ -868,7 +874,7 @@ class _Schema(Checker):
             "service": ("service", self.service_ref),
         }
         routes: list[SniRoute] = []
-        claimed: dict[str, str] = {}
+        claimed: dict[str, tuple[int, Node]] = {}  # name -> (index, server_names node) of the route taking it
         for i, item in enumerate(items):
             item_path = f"{path}[{i}]"
             keys = self.mapping(item, item_path, ["server_names", "service"], required) or {}
@@ -878,12 +884,13 @@ class _Schema(Checker):
             names_node = keys["server_names"][1]
             taken = [name for name in values["server_names"] if name in claimed]
             if taken:
+                first, first_node = claimed[taken[0]]
                 self.report(names_node, f"{item_path}.server_names",
-                            f"server name {quoted(taken[0])} is already routed by {claimed[taken[0]]}; each name"
-                            " picks one route")
+                            f"server name {quoted(taken[0])} is already routed by sni_routes[{first}] (line"
+                            f" {self.line(first_node)}); each name picks one route")
                 continue
             for name in values["server_names"]:
-                claimed[name] = f"sni_routes[{i}] (line {names_node.start_mark.line + 1})"
+                claimed[name] = (i, names_node)
             routes.append(SniRoute(**values))
         return tuple(routes) if len(routes) == len(items) else None
 
@@ -932,6 +939,10 @@ class _Schema(Checker):
         return self.integer(node, path, 0, 32)
 
 
+class _PlainSchema(_Schema, PlainChecker):
+    """The same schema on plain values (plain.py): a Topology, or NeedsPositions at the first finding."""
+
+
 def _log_path_problem(target: str) -> str:
     """Why Envoy could not open `target` as a log file, or ''."""
     if not target.isprintable():
@@ -970,20 +981,19 @@ def _address_problem(text: str) -> str:
     return f"{quoted(text)} is not an address"
 
 
-def _common_endpoints(items: list[Node]) -> tuple[SocketAddress, ...] | None:
+def _common_endpoints(joined: str, count: int) -> tuple[SocketAddress, ...] | None:
     """The endpoints of a list that holds only the common kind, distinct canonical ip:port strings,
     checked in one match instead of one at a time (50,000 endpoints make this the loop that counts);
-    None for any other list, which the checks one endpoint at a time then word findings for."""
-    texts = [item.value for item in items if type(item) is ScalarNode and item.tag == STR_TAG]
-    if len(texts) != len(items):
-        return None
-    joined = "\n".join(texts)
+    `joined` is the list's `count` texts joined by line breaks. None for any other list, which the
+    checks one endpoint at a time then word findings for."""
     # A quoted value may hold a line break itself; then the count of them says so.
-    if joined.count("\n") != len(texts) - 1 or not IPV4_PORTS_RE.fullmatch(joined) or len(set(texts)) != len(texts):
+    if joined.count("\n") != count - 1 or not IPV4_PORTS_RE.fullmatch(joined):
         return None
-    # Canonical text: equal strings are equal addresses and distinct ones distinct, so the set
-    # above found any duplicate.
-    return tuple(SocketAddress(host, int(port)) for host, _, port in (text.rpartition(":") for text in texts))
+    texts = joined.split("\n")
+    # Canonical text: equal strings are equal addresses and distinct ones distinct.
+    if len(set(texts)) != count:
+        return None
+    return tuple([SocketAddress(host, int(port)) for host, _, port in [text.rpartition(":") for text in texts]])
 
 
 def _is_ipv6(text: str) -> bool:
@@ -1008,14 +1018,36 @@ def check_topology_text(
     if size > limit:
         return None, [too_large(file, size, limit)]
     with cycle_collection_paused():
-        root, diagnostics = compose(text, file)
-        if root is None:
-            return None, diagnostics
-        schema = _Schema(file)
-        topology = schema.topology(root)
-        # Freed while the collector is paused: released after it resumes, the ~300,000 nodes and marks
-        # of a 1.5 MB file would first be counted as new objects and traversed by a collection (40 ms).
-        del root
+        topology = check_plain(text, file)
+        if topology is not None:
+            return topology, []
+        return check_precisely(text, file)
+
+
+def check_plain(text: str, file: str) -> Topology | None:
+    """The plain pass (plain.py): the Topology of a file with no finding at all, else None."""
+    document = read_plain(text)
+    if document is None:
+        return None
+    try:
+        return _PlainSchema(file, text=text).topology(document)
+    except NeedsPositions:
+        return None
+    finally:
+        # Freed here, while the caller keeps the collector paused (see check_precisely).
+        del document
+
+
+def check_precisely(text: str, file: str) -> tuple[Topology | None, list[Diagnostic]]:
+    """The precise pass: composed nodes, every finding at its line and column."""
+    root, diagnostics = compose(text, file)
+    if root is None:
+        return None, diagnostics
+    schema = _Schema(file)
+    topology = schema.topology(root)
+    # Freed while the collector is paused: released after it resumes, the ~300,000 nodes and marks
+    # of a 1.5 MB file would first be counted as new objects and traversed by a collection (40 ms).
+    del root
     diagnostics = sorted(schema.diagnostics, key=lambda d: (d.line, d.col))
     return (None if schema.errors else topology), diagnostics
 

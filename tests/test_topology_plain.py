@@ -1,0 +1,100 @@
+"""The plain pass (keepsrc/topology/plain.py) on the inputs where it must step aside.
+
+yaml-rs reads YAML 1.2 and PyYAML YAML 1.1: each case below is a value the two read apart, written
+where a topology takes it. A file must mean what YAML 1.1 makes of it whichever pass answers, so
+each test asserts the value a user gets, and that the plain pass declined the file.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from keepsrc.topology import Topology, check_topology_text
+from keepsrc.topology.loader import check_plain, check_precisely
+from tests.support.quickstart import QUICKSTART
+
+
+def http_listener(topology: Topology) -> object:
+    return topology.proxies["ingress"].listeners[1]
+
+
+def with_xff(xff: str) -> str:
+    text = QUICKSTART.replace("xff: {use_remote_address: true, trusted_hops: 0}", f"xff: {xff}")
+    assert text != QUICKSTART
+    return text
+
+
+def loaded(text: str) -> Topology:
+    topology, diagnostics = check_topology_text(text, "t.yaml")
+    assert topology is not None and not diagnostics, diagnostics
+    assert (topology, diagnostics) == check_precisely(text, "t.yaml")
+    return topology
+
+
+def test_the_quickstart_is_answered_by_the_plain_pass() -> None:
+    assert check_plain(QUICKSTART, "t.yaml") == loaded(QUICKSTART)
+
+
+@pytest.mark.parametrize(
+    ("written", "hops", "read_alike"),
+    [
+        ("017", 15, False),  # octal to YAML 1.1, 17 to YAML 1.2
+        ("+017", 15, False),
+        ("1_0", 10, False),  # YAML 1.2 has no underscores; yaml-rs reads 10 all the same
+        ("0o17", None, False),  # text to YAML 1.1, 15 to YAML 1.2
+        ("0x10", 16, True),
+        ("12", 12, True),
+    ],
+)
+def test_an_integer_means_what_yaml_1_1_reads(written: str, hops: int | None, read_alike: bool) -> None:
+    text = with_xff(f"{{trusted_hops: {written}}}")
+    assert (check_plain(text, "t.yaml") is not None) == read_alike
+    if hops is None:
+        topology, diagnostics = check_topology_text(text, "t.yaml")
+        assert topology is None
+        assert [d.message for d in diagnostics] == [f"expected an integer from 0 to 32, got '{written}'"]
+    else:
+        assert http_listener(loaded(text)).xff.trusted_hops == hops
+
+
+@pytest.mark.parametrize(("written", "value"), [("on", True), ("Off", False), ("yes", True), ("true", True)])
+def test_yaml_1_1_booleans_are_booleans(written: str, value: bool) -> None:
+    text = with_xff(f"{{use_remote_address: {written}}}")
+    assert http_listener(loaded(text)).xff.use_remote_address is value
+
+
+@pytest.mark.parametrize("written", ["1e3", "1:20", "2001-12-14", "0.5", ".inf", "null", "no"])
+def test_a_name_yaml_1_1_reads_as_another_type_is_refused_or_kept_as_written(written: str) -> None:
+    # YAML 1.1: 1e3 is text (no dot), 1:20 a number (base 60), 2001-12-14 a date, .inf a number.
+    text = QUICKSTART.replace("        service: echo\n", f"        service: echo\n        stat_prefix: {written}\n")
+    assert check_topology_text(text, "t.yaml") == check_precisely(text, "t.yaml")
+    topology, _ = check_topology_text(text, "t.yaml")
+    if written == "1e3":
+        assert topology is not None and topology.proxies["ingress"].listeners[0].stat_prefix == "1e3"
+    else:
+        assert topology is None
+    assert check_plain(text, "t.yaml") is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        QUICKSTART.replace("\n", "\r\n"),
+        "%YAML 1.1\n---\n" + QUICKSTART,
+        QUICKSTART.replace("send_proxy_protocol: v2", "send_proxy_protocol: !!str v2"),
+        QUICKSTART.replace("# The built-in example", "# The built-in exämple"),
+    ],
+    ids=["crlf", "directive", "tag", "non-ascii"],
+)
+def test_text_the_plain_pass_declines_loads_as_before(text: str) -> None:
+    assert check_plain(text, "t.yaml") is None
+    assert loaded(text) == loaded(QUICKSTART)
+
+
+@pytest.mark.parametrize("depth", [10_000, 100_000])
+def test_block_nesting_deep_enough_to_crash_yaml_rs_never_reaches_it(depth: int) -> None:
+    # yaml-rs 0.1.6 recurses once per level and dies of a stack overflow (SIGSEGV) past ~10,000.
+    text = QUICKSTART + "extra:\n" + "- " * depth + "x\n"
+    topology, diagnostics = check_topology_text(text, "t.yaml")
+    assert topology is None and diagnostics
+    assert check_plain(text, "t.yaml") is None
