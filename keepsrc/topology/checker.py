@@ -1,10 +1,11 @@
 """Generic checks on composed YAML nodes, each finding reported at its node's line and column.
 
-Nothing here knows the topology schema (that is loader.py); these are the primitives it is built
-from: mappings with known keys, lists, typed scalars, names, enumerations and durations. Every check
-costs time proportional to the node it looks at, so validating a file is linear in its size: the
-error count is a counter, "did you mean" has a fixed budget, and anything quoted back from the file
-is cut to a fixed length and escaped.
+Nothing here knows the topology schema (that is loader.py and tls_schema.py); these are the
+primitives it is built from: mappings with known keys, lists, typed scalars, names, enumerations
+and durations. Every check costs time proportional to the node it looks at, so validating a file
+is linear in its size: the error count is a counter, "did you mean" has a fixed budget, and
+anything quoted back from the file is cut to a fixed length and escaped. plain.py has the same
+primitives on plain values, for the plain pass.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from keepsrc.topology.diagnostics import Diagnostic, Severity
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A DNS label: 1-63 letters, digits and '-', not starting or ending with '-' (RFC 1035).
+DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# A file Envoy opens (an access log, a PEM file): Linux's PATH_MAX (4096 with its NUL) and
+# NAME_MAX (255 bytes a component).
+PATH_MAX_BYTES = 4095
+FILE_NAME_MAX_BYTES = 255
 # Envoy 1.40 takes far longer names (a stat name segment may be 64 KiB), but every name is repeated
 # in each stat, log line and config dump of its resource; 255 is the longest a file name may be too.
 NAME_MAX = 255
@@ -345,3 +352,21 @@ class Checker:
 
 def is_name(text: str) -> bool:
     return len(text) <= NAME_MAX and NAME_RE.fullmatch(text) is not None
+
+
+def file_path_problem(target: str) -> str:
+    """Why Envoy could not open `target` as a file, or ''."""
+    if not target.isprintable():
+        return "contains a control character"
+    try:
+        size = len(target.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape: no file name has one
+        return "is not valid Unicode"
+    if size > PATH_MAX_BYTES:
+        return f"is {size:,} bytes long; a path has at most {PATH_MAX_BYTES:,}"
+    components = target.split("/")
+    if any(len(c.encode("utf-8")) > FILE_NAME_MAX_BYTES for c in components):
+        return f"has a directory or file name over {FILE_NAME_MAX_BYTES} bytes, which no Linux file system allows"
+    if components[-1] in ("", ".", ".."):
+        return "names a directory, not a file"
+    return ""

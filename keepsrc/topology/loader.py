@@ -1,36 +1,33 @@
 """Topology YAML -> Topology, validating every key against schema v1 (documented in docs/topology.md).
 
-The file is composed into PyYAML nodes rather than loaded into plain dicts so that every finding
-can name the line and column of the offending key or value (reader.py). All findings of one file
-are collected in a single pass, in time linear in the file; a file with any error yields no Topology.
-Every value accepted here is one Envoy 1.40 accepts: the bounds are Envoy's own (durations, ports,
-path lengths) or tighter.
+One schema, two passes over the text. The plain pass (plain.py) reads it into plain values with
+yaml-rs and walks them with no positions: a valid file is loaded that way, about twice as fast.
+At the first finding, or any value it cannot be sure of, the precise pass takes over: the file
+composed into PyYAML nodes (reader.py), so that every finding names the line and column of the
+offending key or value. All findings of one file are collected in that single pass, in time
+linear in the file; a file with any error yields no Topology. Every value accepted here is one
+Envoy 1.40 accepts: the bounds are Envoy's own (durations, ports, path lengths) or tighter. The
+TLS sections are in tls_schema.py.
 """
 
 from __future__ import annotations
 
-import datetime
 import gc
 import ipaddress
-import os
 import re
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.utils import CryptographyDeprecationWarning
 from yaml.nodes import Node
 
 from keepsrc.topology.checker import (
-    Checker,
+    DNS_LABEL,
     Keys,
     Parsers,
     Suggestions,
+    file_path_problem,
     listing,
     quoted,
     suggest,
@@ -38,8 +35,6 @@ from keepsrc.topology.checker import (
 from keepsrc.topology.diagnostics import Diagnostic, Severity, TopologyError
 from keepsrc.topology.model import (
     AcceptProxyProtocol,
-    Certificate,
-    DownstreamTls,
     HealthCheck,
     IPNetwork,
     LbPolicy,
@@ -55,19 +50,17 @@ from keepsrc.topology.model import (
     SniRoute,
     SocketAddress,
     Sticky,
-    TlsVersion,
     Topology,
-    UpstreamTls,
     Xff,
 )
 from keepsrc.topology.plain import NeedsPositions, PlainChecker, read_plain
 from keepsrc.topology.reader import API_VERSION, compose, max_bytes_limit, too_large, utf8_size
+from keepsrc.topology.tls_schema import TlsSchema
 
 __all__ = ["check_topology", "check_topology_bytes", "check_topology_text", "cycle_collection_paused", "load_topology"]
 
 # A DNS name: at most 253 characters, labels of at most 63 (RFC 1035); the resolver refuses longer.
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
+HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){DNS_LABEL}(\.{DNS_LABEL})*\.?")
 BRACKETED_ADDRESS_RE = re.compile(r"\[([^\]]*)\]:([0-9]+)")
 ADDRESS_RE = re.compile(r"([^:\[\]]+):([0-9]+)")
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -89,17 +82,11 @@ TABLE_RULE = "1 to 252 or 256 to 2147483647 (0 and 253-255 are the kernel's own 
 # Envoy's default request-header limit (60 KiB) lets through.
 PREFIX_RE = re.compile(r"/[!-~]*")
 PREFIX_MAX = 4096
-# An access-log file: PATH_MAX (4096 with its NUL) and NAME_MAX (255 bytes per component) of Linux.
-LOG_PATH_MAX = 4095
-LOG_NAME_MAX = 255
 LISTENER_KEYS = [
     "name", "address", "protocol", "service", "routes", "accept_proxy_protocol", "tls_inspector",
     "original_src", "xff", "allow_from", "deny_from", "match", "access_log", "stat_prefix", "idle_timeout",
     "tls", "sni_routes",
 ]
-# An SNI name: a hostname, or a wildcard for one level of subdomains (Envoy's server_names).
-SERVER_NAME_RE = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
-ALPN = ["h2", "http/1.1"]
 PROTOCOLS_ALL = frozenset(Protocol)
 _TCP_HTTP = frozenset({Protocol.TCP, Protocol.HTTP})
 _TCP_UDP = frozenset({Protocol.TCP, Protocol.UDP})
@@ -127,7 +114,6 @@ PROXY_PROTOCOL_VERSIONS = [v.value for v in ProxyProtocolVersion]
 STICKY_KEYS = [s.value for s in Sticky]
 PLACEMENTS = [p.value for p in Placement]
 PEER_MATCHES = [m.value for m in PeerMatch]
-TLS_VERSIONS = [v.value for v in TlsVersion]
 WHITESPACE_RE = re.compile(r"\s")
 SERVICE_KEYS = ["endpoints", "connect_timeout", "lb", "send_proxy_protocol", "health_check", "sticky", "tls"]
 SERVICE_REQUIRED = {"endpoints": "a list of ip:port or hostname:port"}
@@ -142,7 +128,7 @@ ROUTE_REQUIRED = {"prefix": "the path prefix to match, e.g. /", "service": "the 
 Claims = dict[object, tuple[str, Node]]
 
 
-class _Schema(Checker):
+class _Schema(TlsSchema):
     """Schema v1 on top of the generic checks: builds model objects while it reports."""
 
     def __init__(self, file: str, **checker: Any) -> None:
@@ -658,208 +644,11 @@ class _Schema(Checker):
                 " valid: stdout, stderr or an absolute path such as /var/log/envoy/access.log",
             )
             return None
-        problem = _log_path_problem(target)
+        problem = file_path_problem(target)
         if problem:
             self.report(node, path, f"{quoted(target)} {problem}; valid: e.g. /var/log/envoy/access.log")
             return None
         return target
-
-    # -- TLS ---------------------------------------------------------------------------------------
-    def downstream_tls(self, node: Node, path: str) -> DownstreamTls | None:
-        required = {"certificates": "a list of {cert, key, server_names}"}
-        keys = self.mapping(node, path, ["certificates", "alpn", "min_version"], required)
-        if keys is None:
-            return None
-        parsers: Parsers = {
-            "certificates": ("certificates", self.certificates),
-            "alpn": ("alpn", self.alpn),
-            "min_version": ("min_version", self.tls_version),
-        }
-        values = self.fields(keys, path, parsers)
-        return None if None in values.values() or "certificates" not in keys else DownstreamTls(**values)
-
-    def certificates(self, node: Node, path: str) -> tuple[Certificate, ...] | None:
-        items = self.sequence(node, path, "a list of {cert, key, server_names}")
-        if items is None:
-            return None
-        if not items:
-            self.report(node, path, "list at least one certificate: {cert: /path/chain.pem, key: /path/key.pem}")
-            return None
-        certificates = [self.certificate(item, f"{path}[{i}]", server_names=True) for i, item in enumerate(items)]
-        if None in certificates:
-            return None
-        # Envoy picks a filter chain by SNI: one name in two chains, or two chains for clients
-        # without a known name, is a listener Envoy refuses.
-        claimed: dict[str, int] = {}  # name -> index of the certificate serving it ('' for the default)
-        for i, certificate in enumerate(certificates):
-            assert certificate is not None
-            for name in certificate.server_names or ("",):
-                if name in claimed:
-                    first = claimed[name]
-                    by = f"{path.rpartition('.')[2]}[{first}] (line {self.line(self.names_or_item(items[first]))})"
-                    problem = (f"server name {quoted(name)} is already served by {by}; each name picks one"
-                               " certificate" if name else
-                               f"{by} is already the default certificate (no server_names); give this"
-                               " one server_names, or remove one of the two")
-                    self.report(self.names_or_item(items[i]), f"{path}[{i}].server_names", problem)
-                    return None
-                claimed[name] = i
-        return tuple(c for c in certificates if c is not None)
-
-    def names_or_item(self, item: Node) -> Node:
-        """Where a certificate's server names are written: its server_names, or the certificate itself."""
-        return self.value_at(item, "server_names") or item
-
-    def certificate(self, node: Node, path: str, server_names: bool) -> Certificate | None:
-        allowed = ["cert", "key", "server_names"] if server_names else ["cert", "key"]
-        required = {"cert": "the PEM certificate chain file", "key": "the PEM private key file"}
-        keys = self.mapping(node, path, allowed, required)
-        if keys is None or "cert" not in keys or "key" not in keys:
-            return None
-        parsers: Parsers = {
-            "cert": ("cert", self.pem_path),
-            "key": ("key", self.pem_path),
-            "server_names": ("server_names", self.server_names),
-        }
-        values = self.fields(keys, path, parsers)
-        if None in values.values():
-            return None
-        certificate = Certificate(**values)
-        self.check_key_pair(certificate, keys, path)
-        return certificate
-
-    def pem_path(self, node: Node, path: str) -> str | None:
-        target = self.scalar(node, path, str, "an absolute path of a PEM file")
-        if target is None:
-            return None
-        if not target.startswith("/"):
-            self.report(
-                node, path,
-                f"{quoted(target)} is relative, and Envoy would resolve it against its own working directory;"
-                " valid: an absolute path such as /etc/keepsrc/tls/edge.pem",
-            )
-            return None
-        problem = _log_path_problem(target)
-        if problem:
-            self.report(node, path, f"{quoted(target)} {problem}; valid: e.g. /etc/keepsrc/tls/edge.pem")
-            return None
-        return target
-
-    def check_key_pair(self, certificate: Certificate, keys: Keys, path: str) -> None:
-        """The files exist, parse, match and are in date, as Envoy will need them to.
-
-        Envoy runs on this host or sees the same files (keepsrc writes the SDS file beside the
-        certificate); a problem found here would otherwise be a listener that resets every handshake.
-        """
-        cert_node, key_node = keys["cert"][1], keys["key"][1]
-        chain = self.read_certificates(cert_node, f"{path}.cert", certificate.cert)
-        key_data = self.read_file(key_node, f"{path}.key", certificate.key, "private key")
-        if key_data is None:
-            return
-        try:
-            key = serialization.load_pem_private_key(key_data, password=None)
-        except TypeError:
-            self.report(key_node, f"{path}.key", f"{quoted(certificate.key)} is an encrypted private key; Envoy"
-                        " needs it unencrypted (openssl pkey -in KEY -out KEY.plain)")
-            return
-        except (ValueError, UnsupportedAlgorithm):
-            self.report(key_node, f"{path}.key", f"{quoted(certificate.key)} holds no PEM private key")
-            return
-        if chain and _public(chain[0].public_key()) != _public(key.public_key()):
-            self.report(
-                key_node, f"{path}.key",
-                f"{quoted(certificate.key)} does not match the certificate in {quoted(certificate.cert)} (line"
-                f" {self.line(cert_node)}): its public key differs; use the key it was issued for",
-            )
-        if not os.access(os.path.dirname(certificate.cert), os.W_OK):
-            self.report(
-                cert_node, f"{path}.cert",
-                f"keepsrc writes the SDS file Envoy reads this certificate through beside it, and"
-                f" {quoted(os.path.dirname(certificate.cert))} is not writable here",
-            )
-
-    def read_file(self, node: Node, path: str, file: str, what: str) -> bytes | None:
-        try:
-            with open(file, "rb") as f:
-                return f.read(1 << 20)  # a PEM bundle of every public root CA is about 200 KB
-        except OSError as exc:
-            self.report(node, path, f"cannot read {what} file {quoted(file)}: {exc.strerror or exc}")
-            return None
-
-    def read_certificates(
-        self, node: Node, path: str, file: str, bundle: bool = False
-    ) -> list[x509.Certificate] | None:
-        """The PEM certificates in `file`, leaf first; reported when none, or when one is out of date
-        (a CA `bundle`: when all are, since a system bundle may still list a retired root)."""
-        data = self.read_file(node, path, file, "certificate")
-        if data is None:
-            return None
-        try:
-            with warnings.catch_warnings():
-                # Debian's bundle has a root with a negative serial number, which cryptography
-                # warns about; BoringSSL in Envoy reads it, and it is not the user's to fix.
-                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-                chain = x509.load_pem_x509_certificates(data)
-        except ValueError:
-            self.report(node, path, f"{quoted(file)} holds no PEM certificate ('-----BEGIN CERTIFICATE-----')")
-            return None
-        now = datetime.datetime.now(datetime.UTC)
-        expired = [cert for cert in chain if cert.not_valid_after_utc < now]
-        if expired and (not bundle or len(expired) == len(chain)):
-            cert = expired[0]
-            subject = cert.subject.rfc4514_string() or "(no subject)"
-            self.report(
-                node, path,
-                f"certificate {quoted(subject)} in {quoted(file)} expired on"
-                f" {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; every client would refuse it: renew it",
-            )
-            return None
-        return chain
-
-    def server_names(self, node: Node, path: str) -> tuple[str, ...] | None:
-        items = self.sequence(node, path, "a list of SNI names, e.g. [shop.example.com, '*.example.com']")
-        if items is None:
-            return None
-        if not items:
-            self.report(node, path, "list at least one name, or remove server_names (the default certificate)")
-            return None
-        names: dict[str, None] = {}
-        for i, item in enumerate(items):
-            name = self.server_name(item, f"{path}[{i}]")
-            if name is None:
-                return None
-            if name in names:
-                self.report(item, f"{path}[{i}]", f"duplicate server name {quoted(name)}; list each name once")
-                return None
-            names[name] = None
-        return tuple(names)
-
-    def server_name(self, node: Node, path: str) -> str | None:
-        name = self.scalar(node, path, str, "an SNI name such as shop.example.com or *.example.com")
-        if name is None:
-            return None
-        if len(name) > 253 or not SERVER_NAME_RE.fullmatch(name) or name != name.lower():
-            self.report(
-                node, path,
-                f"{quoted(name)} is not an SNI name; valid: a lowercase hostname (shop.example.com) or a wildcard"
-                " for one level of subdomains (*.example.com)",
-            )
-            return None
-        return name
-
-    def alpn(self, node: Node, path: str) -> tuple[str, ...] | None:
-        items = self.sequence(node, path, f"a list of ALPN protocols ({', '.join(ALPN)})")
-        if items is None:
-            return None
-        if not items:
-            self.report(node, path, f"list at least one of {', '.join(ALPN)}, or remove alpn (both)")
-            return None
-        protocols = [self.choice(item, f"{path}[{i}]", str, ALPN) for i, item in enumerate(items)]
-        return None if None in protocols else tuple(dict.fromkeys(p for p in protocols if p is not None))
-
-    def tls_version(self, node: Node, path: str) -> TlsVersion | None:
-        # `1.2` unquoted is a number to YAML; it can only mean the version.
-        return self.choice(self.number_as_text(node), path, TlsVersion, TLS_VERSIONS)
 
     def sni_routes(self, node: Node, path: str) -> tuple[SniRoute, ...] | None:
         items = self.sequence(node, path, "a list of {server_names, service}")
@@ -894,34 +683,6 @@ class _Schema(Checker):
             routes.append(SniRoute(**values))
         return tuple(routes) if len(routes) == len(items) else None
 
-    def upstream_tls(self, node: Node, path: str) -> UpstreamTls | None:
-        allowed = ["ca", "sni", "client_certificate", "min_version"]
-        required = {"ca": "the PEM CA bundle to verify the upstream's certificate with"}
-        keys = self.mapping(node, path, allowed, required)
-        if keys is None or "ca" not in keys:
-            return None
-        parsers: Parsers = {
-            "ca": ("ca", self.ca),
-            "sni": ("sni", self.sni),
-            "client_certificate": ("client_certificate", lambda n, p: self.certificate(n, p, server_names=False)),
-            "min_version": ("min_version", self.tls_version),
-        }
-        values = self.fields(keys, path, parsers)
-        return None if None in values.values() else UpstreamTls(**values)
-
-    def ca(self, node: Node, path: str) -> str | None:
-        target = self.pem_path(node, path)
-        if target is None or self.read_certificates(node, path, target, bundle=True) is None:
-            return None
-        return target
-
-    def sni(self, node: Node, path: str) -> str | None:
-        name = self.server_name(node, path)
-        if name is not None and name.startswith("*."):
-            self.report(node, path, f"{quoted(name)}: a client names one server; valid: e.g. backend.example.com")
-            return None
-        return name
-
     def xff(self, node: Node, path: str) -> Xff | None:
         keys = self.mapping(node, path, ["use_remote_address", "trusted_hops", "skip_append", "internal_cidrs"])
         if keys is None:
@@ -941,31 +702,6 @@ class _Schema(Checker):
 
 class _PlainSchema(_Schema, PlainChecker):
     """The same schema on plain values (plain.py): a Topology, or NeedsPositions at the first finding."""
-
-
-def _log_path_problem(target: str) -> str:
-    """Why Envoy could not open `target` as a log file, or ''."""
-    if not target.isprintable():
-        return "contains a control character"
-    try:
-        size = len(target.encode("utf-8"))
-    except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape: no file name has one
-        return "is not valid Unicode"
-    if size > LOG_PATH_MAX:
-        return f"is {size:,} bytes long; a path has at most {LOG_PATH_MAX:,}"
-    components = target.split("/")
-    if any(len(c.encode("utf-8")) > LOG_NAME_MAX for c in components):
-        return f"has a directory or file name over {LOG_NAME_MAX} bytes, which no Linux file system allows"
-    if components[-1] in ("", ".", ".."):
-        return "names a directory, not a file"
-    return ""
-
-
-def _public(key: object) -> bytes:
-    """A public key's SubjectPublicKeyInfo bytes: equal exactly when two keys are one key."""
-    return key.public_bytes(  # type: ignore[attr-defined,no-any-return]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def _address_problem(text: str) -> str:
