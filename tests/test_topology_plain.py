@@ -7,11 +7,14 @@ each test asserts the value a user gets, and that the plain pass declined the fi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from keepsrc.topology import Topology, check_topology_text
 from keepsrc.topology.loader import check_plain, check_precisely
 from tests.support.quickstart import QUICKSTART
+from tests.test_tls import Pki
 
 
 def http_listener(topology: Topology) -> object:
@@ -98,3 +101,47 @@ def test_block_nesting_deep_enough_to_crash_yaml_rs_never_reaches_it(depth: int)
     topology, diagnostics = check_topology_text(text, "t.yaml")
     assert topology is None and diagnostics
     assert check_plain(text, "t.yaml") is None
+
+
+def test_tls_settings_load_through_the_plain_pass_as_through_the_precise_one(tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    a_cert, a_key, _ = pki.issue("a.test", ["a.test"])
+    d_cert, d_key, _ = pki.issue("default.test", ["default.test"])
+    text = f"""apiVersion: keepsrc/v1
+services:
+  web: {{endpoints: ["127.0.0.1:8080"]}}
+  up:
+    endpoints: ["127.0.0.1:8443"]
+    tls: {{ca: {pki.ca}, sni: upstream.test, client_certificate: {{cert: {a_cert}, key: {a_key}}}, min_version: "1.3"}}
+proxies:
+  ingress:
+    listeners:
+      - name: https
+        address: 127.0.0.1:10443
+        protocol: http
+        tls:
+          certificates:
+            - {{cert: {a_cert}, key: {a_key}, server_names: [a.test]}}
+            - {{cert: {d_cert}, key: {d_key}}}
+          alpn: [h2]
+        routes: [{{prefix: /up, service: up}}, {{prefix: /, service: web}}]
+      - name: passthrough
+        address: 127.0.0.1:10444
+        protocol: tcp
+        sni_routes: [{{server_names: [a.pass.test], service: web}}]
+        service: up
+"""
+    plain = check_plain(text, "t.yaml")
+    assert plain is not None and plain == loaded(text)
+    # The same server name on both certificates: the plain pass steps aside and the precise one places it.
+    default = f"- {{cert: {d_cert}, key: {d_key}}}"
+    clash = text.replace(default, default[:-1] + ", server_names: [a.test]}")
+    assert check_plain(clash, "t.yaml") is None
+    _, diagnostics = check_topology_text(clash, "t.yaml")
+    lines = clash.splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if str(d_cert) in text)
+    col = lines[line - 1].index("[a.test]") + 1
+    assert [str(d) for d in diagnostics] == [
+        f"t.yaml:{line}:{col}: error: proxies.ingress.listeners[0].tls.certificates[1].server_names: server name"
+        f" 'a.test' is already served by certificates[0] (line {line - 1}); each name picks one certificate"
+    ]

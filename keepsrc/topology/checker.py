@@ -251,11 +251,11 @@ class Checker:
         """What a scalar node holds (see construct); None for a mapping or a list."""
         return self.construct(node) if isinstance(node, ScalarNode) else None
 
-    def number_as_text(self, node: Node) -> Node:
-        """A number written unquoted where text is meant (`min_version: 1.2`) as the text it was written."""
+    def choice_as_written(self, node: Node, path: str, enum: Callable[[str], T], options: list[str]) -> T | None:
+        """`choice`, where a number written unquoted (`min_version: 1.2`) counts as the text written."""
         if isinstance(node, ScalarNode) and node.tag == FLOAT_TAG:
-            return ScalarNode(STR_TAG, node.value, node.start_mark, node.end_mark)
-        return node
+            node = ScalarNode(STR_TAG, node.value, node.start_mark, node.end_mark)
+        return self.choice(node, path, enum, options)
 
     # -- scalars ---------------------------------------------------------------------------
     def construct(self, node: ScalarNode) -> Any:

@@ -20,13 +20,16 @@ as the same topology.
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import yaml
 import yaml_rs
 from yaml.nodes import Node
 
-from keepsrc.topology.checker import SCALAR_MAX, Checker, Keys, is_name
+from keepsrc.topology.checker import FLOAT_TAG, SCALAR_MAX, Checker, Keys, is_name
+
+T = TypeVar("T")
 
 # Printable ASCII and line feeds, less what the pass declines: anchors (&), aliases (*), tags (!),
 # escapes (\), directives (%), merge keys (<<) and carriage returns; `translate` deletes these from
@@ -50,6 +53,12 @@ _YAML11_NOT_TEXT_RE = re.compile(
         )
     ),
     re.X,
+)
+_YAML11_FLOAT_RE = next(
+    regexp
+    for resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.values()
+    for tag, regexp in resolvers
+    if tag == FLOAT_TAG
 )
 
 
@@ -130,8 +139,12 @@ class PlainChecker(Checker):
     def scalar_value(self, node: Any) -> Any:
         return self.construct(node)
 
-    def number_as_text(self, node: Any) -> Any:
-        return self.construct(node)  # a float: the text it was written as decides, so the precise pass
+    def choice_as_written(self, node: Any, path: str, enum: Callable[[str], T], options: list[str]) -> T | None:
+        # Text YAML 1.1 reads as a float ("1.3": yaml-rs gives text for it only when quoted) is the
+        # same text to the precise pass either way. A float is declined: its written text decides.
+        if type(node) is str and node in options and _YAML11_FLOAT_RE.fullmatch(node):
+            return enum(node)
+        return self.choice(node, path, enum, options)
 
     def construct(self, node: Any) -> Any:
         kind = type(node)

@@ -223,7 +223,7 @@ class TlsSchema(Checker):
 
     def tls_version(self, node: Node, path: str) -> TlsVersion | None:
         # `1.2` unquoted is a number to YAML; it can only mean the version.
-        return self.choice(self.number_as_text(node), path, TlsVersion, TLS_VERSIONS)
+        return self.choice_as_written(node, path, TlsVersion, TLS_VERSIONS)
 
     def upstream_tls(self, node: Node, path: str) -> UpstreamTls | None:
         allowed = ["ca", "sni", "client_certificate", "min_version"]
