@@ -257,6 +257,15 @@ class Checker:
             node = ScalarNode(STR_TAG, node.value, node.start_mark, node.end_mark)
         return self.choice(node, path, enum, options)
 
+    def non_empty_sequence(self, node: Node, path: str, what: str, if_empty: str) -> list[Node] | None:
+        """The items of a list node that must hold at least one; None after reporting either.
+        `if_empty` says why an empty list is wrong and what to write instead."""
+        items = self.sequence(node, path, what)
+        if items is not None and not items:
+            self.report(node, path, if_empty)
+            return None
+        return items
+
     # -- scalars ---------------------------------------------------------------------------
     def construct(self, node: ScalarNode) -> Any:
         if len(node.value) > SCALAR_MAX:

@@ -544,11 +544,11 @@ class _Schema(TlsSchema):
         return None if None in tlvs else tuple(tlvs)
 
     def versions(self, node: Node, path: str) -> tuple[ProxyProtocolVersion, ...] | None:
-        items = self.sequence(node, path, "a list of PROXY protocol versions, e.g. [v1, v2]")
+        items = self.non_empty_sequence(
+            node, path, "a list of PROXY protocol versions, e.g. [v1, v2]",
+            "list at least one of v1, v2: an empty list refuses every connection",
+        )
         if items is None:
-            return None
-        if not items:
-            self.report(node, path, "list at least one of v1, v2: an empty list refuses every connection")
             return None
         versions = [self.proxy_protocol_version(item, f"{path}[{i}]") for i, item in enumerate(items)]
         return None if None in versions else tuple(versions)
@@ -602,11 +602,11 @@ class _Schema(TlsSchema):
 
     def networks(self, node: Node, path: str) -> tuple[IPNetwork, ...] | None:
         """allow_from / deny_from: CIDRs, or single addresses meaning /32 or /128."""
-        items = self.sequence(node, path, "a list of CIDRs, e.g. [10.0.0.0/8, 2001:db8::/32]")
+        items = self.non_empty_sequence(
+            node, path, "a list of CIDRs, e.g. [10.0.0.0/8, 2001:db8::/32]",
+            "an empty list has no effect; list CIDRs such as 10.0.0.0/8, or remove the key",
+        )
         if items is None:
-            return None
-        if not items:
-            self.report(node, path, "an empty list has no effect; list CIDRs such as 10.0.0.0/8, or remove the key")
             return None
         networks = [self.network(item, f"{path}[{i}]") for i, item in enumerate(items)]
         return None if None in networks else tuple(networks)
@@ -651,11 +651,11 @@ class _Schema(TlsSchema):
         return target
 
     def sni_routes(self, node: Node, path: str) -> tuple[SniRoute, ...] | None:
-        items = self.sequence(node, path, "a list of {server_names, service}")
+        items = self.non_empty_sequence(
+            node, path, "a list of {server_names, service}",
+            "list at least one {server_names: [...], service: ...}, or remove sni_routes",
+        )
         if items is None:
-            return None
-        if not items:
-            self.report(node, path, "list at least one {server_names: [...], service: ...}, or remove sni_routes")
             return None
         required = {"server_names": "the SNI names this route takes", "service": "the upstream service name"}
         parsers: Parsers = {

@@ -43,11 +43,11 @@ class TlsSchema(Checker):
         return None if None in values.values() or "certificates" not in keys else DownstreamTls(**values)
 
     def certificates(self, node: Node, path: str) -> tuple[Certificate, ...] | None:
-        items = self.sequence(node, path, "a list of {cert, key, server_names}")
+        items = self.non_empty_sequence(
+            node, path, "a list of {cert, key, server_names}",
+            "list at least one certificate: {cert: /path/chain.pem, key: /path/key.pem}",
+        )
         if items is None:
-            return None
-        if not items:
-            self.report(node, path, "list at least one certificate: {cert: /path/chain.pem, key: /path/key.pem}")
             return None
         certificates = [self.certificate(item, f"{path}[{i}]", server_names=True) for i, item in enumerate(items)]
         if None in certificates:
@@ -181,11 +181,11 @@ class TlsSchema(Checker):
         return chain
 
     def server_names(self, node: Node, path: str) -> tuple[str, ...] | None:
-        items = self.sequence(node, path, "a list of SNI names, e.g. [shop.example.com, '*.example.com']")
+        items = self.non_empty_sequence(
+            node, path, "a list of SNI names, e.g. [shop.example.com, '*.example.com']",
+            "list at least one name, or remove server_names (the default certificate)",
+        )
         if items is None:
-            return None
-        if not items:
-            self.report(node, path, "list at least one name, or remove server_names (the default certificate)")
             return None
         names: dict[str, None] = {}
         for i, item in enumerate(items):
@@ -212,11 +212,11 @@ class TlsSchema(Checker):
         return name
 
     def alpn(self, node: Node, path: str) -> tuple[str, ...] | None:
-        items = self.sequence(node, path, f"a list of ALPN protocols ({', '.join(ALPN)})")
+        items = self.non_empty_sequence(
+            node, path, f"a list of ALPN protocols ({', '.join(ALPN)})",
+            f"list at least one of {', '.join(ALPN)}, or remove alpn (both)",
+        )
         if items is None:
-            return None
-        if not items:
-            self.report(node, path, f"list at least one of {', '.join(ALPN)}, or remove alpn (both)")
             return None
         protocols = [self.choice(item, f"{path}[{i}]", str, ALPN) for i, item in enumerate(items)]
         return None if None in protocols else tuple(dict.fromkeys(p for p in protocols if p is not None))
