@@ -13,6 +13,7 @@ import pytest
 
 from keepsrc.topology import Topology, check_topology_text
 from keepsrc.topology.loader import check_plain, check_precisely
+from keepsrc.topology.plain import read_plain
 from tests.support.quickstart import QUICKSTART
 from tests.test_tls import Pki
 
@@ -145,3 +146,36 @@ proxies:
         f"t.yaml:{line}:{col}: error: proxies.ingress.listeners[0].tls.certificates[1].server_names: server name"
         f" 'a.test' is already served by certificates[0] (line {line - 1}); each name picks one certificate"
     ]
+
+
+@pytest.mark.parametrize("digits", [25, 5_000, 1_000_000])
+def test_a_long_number_is_refused_with_its_size_and_never_read_by_yaml_rs_when_over_a_scalar(digits: int) -> None:
+    # yaml-rs reads a million digits into an int in 0.8 s (quadratic), and Python refuses to print one
+    # of over 4,300 digits; a value over 4,096 characters is refused unread by the precise pass.
+    text = with_xff(f"{{trusted_hops: {'9' * digits}}}")
+    topology, diagnostics = check_topology_text(text, "t.yaml")
+    assert topology is None and len(diagnostics) == 1
+    if digits <= 4096:
+        assert diagnostics[0].message == f"'{'9' * digits}' is out of range; valid: 0 to 32"  # as written: 2**64 and up
+    else:
+        expected = f"expected an integer from 0 to 32, got a value of {digits:,} characters"
+        assert diagnostics[0].message.startswith(expected)
+        assert read_plain(text) is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("xff: {{trusted_hops: {}}}", "'0xffff"),
+        ("original_src: {{table: {}}}", "table '0xffff"),
+    ],
+)
+def test_a_number_too_long_for_python_to_print_is_shown_as_written(setting: str, message: str) -> None:
+    # 4,002 characters (under the 4,096 of a scalar) for a number of 4,816 digits: Python refuses to
+    # print one of over 4,300, and the message used to end validation with a ValueError.
+    hex_number = "0x" + "f" * 4000
+    text = QUICKSTART.replace("        routes: [", f"        {setting.format(hex_number)}\n        routes: [")
+    text = text.replace("        xff: {use_remote_address: true, trusted_hops: 0}\n", "")
+    topology, diagnostics = check_topology_text(text, "t.yaml")
+    assert topology is None
+    assert [d.message[: len(message)] for d in diagnostics] == [message]

@@ -318,9 +318,14 @@ class Checker:
     def integer(self, node: Node, path: str, lo: int, hi: int) -> int | None:
         value = self.scalar(node, path, int, f"an integer from {lo} to {hi}")
         if value is not None and not lo <= value <= hi:
-            self.report(node, path, f"{value} is out of range; valid: {lo} to {hi}")
+            self.report(node, path, f"{self.number_shown(node, value)} is out of range; valid: {lo} to {hi}")
             return None
         return value
+
+    def number_shown(self, node: Node, value: int) -> str:
+        """An integer for a message: its digits, or as written when it is too long for Python to print
+        (4,300 digits: `0x` and 4,000 hex digits is a 4,816-digit number)."""
+        return str(value) if value.bit_length() <= 64 else quoted(node.value)
 
     def name(self, node: Node, path: str) -> str | None:
         value = self.scalar(node, path, str, f"a name ({NAME_RULE})")

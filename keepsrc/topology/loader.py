@@ -596,7 +596,7 @@ class _Schema(TlsSchema):
     def table(self, node: Node, path: str) -> int | None:
         table = self.scalar(node, path, int, f"a routing table number, {TABLE_RULE}")
         if table is not None and (table in RESERVED_TABLES or not 1 <= table < 2**31):
-            self.report(node, path, f"table {table} cannot be used; valid: {TABLE_RULE}")
+            self.report(node, path, f"table {self.number_shown(node, table)} cannot be used; valid: {TABLE_RULE}")
             return None
         return table
 

@@ -11,8 +11,8 @@ yaml-rs reads YAML 1.2 and PyYAML YAML 1.1, and the two differ on what some unqu
 - text nested deep enough to exhaust yaml-rs's stack (it recurses per level, and crashes);
 - a text value YAML 1.1 would read as another type, had it been unquoted (yaml-rs does not say
   whether it was);
-- a number: any float, and any integer when the file writes one in a form the two read apart
-  (leading zero, 0o/0b, underscores).
+- a number: any float, any integer when the file writes one in a form the two read apart
+  (leading zero, 0o/0b, underscores), and any run of digits longer than a scalar may be.
 tests/test_topology_fuzz.py checks on thousands of mutants that both passes accept the same files
 as the same topology.
 """
@@ -41,6 +41,14 @@ _DEEP_INDENT_RE = re.compile(r"[ ?:-]{200}")
 _DEEP_LINE_RE = re.compile(r"\n[ ?:-]{200}")
 # An integer YAML 1.1 and 1.2 read apart: a leading zero (octal in 1.1), 0o, 0b, or underscores.
 _INT_FORMS_APART_RE = re.compile(r"[\s\[{,:?][-+]?(?:0[0-9oObB_]|[0-9]+_)")
+# Larger than any integer a topology holds; Python refuses to print an int of over 4,300 digits.
+_INT_BOUND = 2**64
+# yaml-rs turns a run of digits into an int in time quadratic in its length (a million digits:
+# 0.8 s), so a text with any run of digits (or hex digits) longer than a scalar may be is declined:
+# the precise pass refuses such a value unread (SCALAR_MAX). With every digit mapped to "0", a run
+# is a substring search, which skips through the text.
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789abcdefABCDEF_", b"0" * 23)
+_LONG_DIGIT_RUN = b"0" * (SCALAR_MAX + 1)
 # Every value YAML 1.1 reads as something other than text when unquoted (PyYAML's implicit resolvers).
 _YAML11_NOT_TEXT_RE = re.compile(
     "|".join(
@@ -68,13 +76,20 @@ class NeedsPositions(Exception):
 
 def read_plain(text: str) -> Any:
     """The document as plain values, or None where only the precise pass can read it (see above)."""
-    if not text.isascii() or text.encode("ascii").translate(None, _PLAIN_ASCII):
+    if not text.isascii():
+        return None
+    data = text.encode("ascii")
+    if data.translate(None, _PLAIN_ASCII) or _LONG_DIGIT_RUN in data.translate(_DIGITS_AS_ZERO):
         return None
     if _DEEP_INDENT_RE.match(text) or _DEEP_LINE_RE.search(text):
         return None
     try:
         return yaml_rs.loads(text, parse_datetime=False)
     except Exception:  # a syntax error (or any failure of its own): the precise pass words it
+        return None
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":  # a panic in Rust is pyo3's, a BaseException
+            raise
         return None
 
 
@@ -157,7 +172,7 @@ class PlainChecker(Checker):
                 return node
         elif kind is bool or node is None:
             return node
-        elif kind is int:
+        elif kind is int and -_INT_BOUND < node < _INT_BOUND:  # past it: the precise pass has SCALAR_MAX
             if self.integers_read_alike is None:
                 self.integers_read_alike = _INT_FORMS_APART_RE.search(self.text) is None
             if self.integers_read_alike:
