@@ -179,3 +179,53 @@ def test_a_number_too_long_for_python_to_print_is_shown_as_written(setting: str,
     topology, diagnostics = check_topology_text(text, "t.yaml")
     assert topology is None
     assert [d.message[: len(message)] for d in diagnostics] == [message]
+
+
+def test_a_large_varied_topology_loads_the_same_through_both_passes() -> None:
+    """Every section the plain pass reads, many times over, integers and booleans included."""
+
+    def service(i: int) -> str:
+        endpoints = ", ".join(f'"10.{i // 250}.{i % 250}.{j + 1}:{8000 + j}"' for j in range(i % 7 + 1))
+        lb = ["round_robin", "least_request", "ring_hash", "maglev"][i % 4]
+        extra = "    send_proxy_protocol: v2\n" if i % 3 == 0 else ""
+        extra += "    sticky: client_ip\n" if i % 4 >= 2 else ""  # with ring_hash or maglev
+        return f"""  svc-{i:03d}:
+    endpoints: [{endpoints}]
+    connect_timeout: {i % 9 + 1}00ms
+    lb: {lb}
+    health_check: {{interval: {i % 5 + 1}s, unhealthy_threshold: {i % 10 + 1}, healthy_threshold: 2}}
+{extra}"""
+
+    def proxy(p: int) -> str:
+        routes = ", ".join(f"{{prefix: /s{q}/, service: svc-{q:03d}}}" for q in range(p, p + 20))
+        return f"""  edge-{p}:
+    listeners:
+      - name: tcp-in
+        address: 0.0.0.0:{10000 + p}
+        protocol: tcp
+        service: svc-{p:03d}
+        accept_proxy_protocol: {{versions: [v1, v2], optional: {str(p % 2 == 0).lower()}}}
+        allow_from: [10.0.0.0/8, 192.0.2.7, "2001:db8::/32"]
+        idle_timeout: 30s
+        stat_prefix: edge_{p}.tcp
+      - name: http-in
+        address: "[::]:{8000 + p}"
+        protocol: http
+        routes: [{routes}, {{prefix: /, service: svc-299}}]
+        xff: {{use_remote_address: true, trusted_hops: {p % 3}, skip_append: false}}
+        deny_from: [198.18.0.0/15]
+        match: direct_peer
+        access_log: /var/log/envoy/edge-{p}.log
+      - name: udp-in
+        address: 127.0.0.1:{5060 + p}
+        protocol: udp
+        service: svc-{p + 1:03d}
+        original_src: {{mark: {100 + p}, placement: gateway, upstream_interface: eth1, table: {200 + p}}}
+"""
+
+    services = "".join(service(i) for i in range(300))
+    proxies = "".join(proxy(p) for p in range(0, 40, 3))
+    text = f"apiVersion: keepsrc/v1\nservices:\n{services}proxies:\n{proxies}"
+    plain = check_plain(text, "t.yaml")
+    assert plain is not None and len(plain.services) == 300
+    assert plain == loaded(text)
