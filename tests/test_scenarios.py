@@ -96,8 +96,11 @@ def test_demo_cleans_up_its_namespaces_on_ctrl_c() -> None:
     require_root()
     require_binary("ip")
     envoy_path()
+    # SIGINT as a terminal's Ctrl-C finds it: a shell runs a background job (a CI run started with
+    # `&`) with SIGINT ignored, the child would inherit that, and Python then raises no KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "keepsrc", "demo", "--only", "4"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout is not None
     deadline = time.monotonic() + 60
     for line in proc.stdout:  # interrupt once Envoys are starting: namespaces exist by then
