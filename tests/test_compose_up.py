@@ -399,10 +399,30 @@ PLAINTEXT_HEALTH = (
 )
 
 
+def _envoys(profile: str) -> dict[str, str]:
+    """The profile's Envoys: compose service -> lab address."""
+    return {name: str(spec["networks"]["lab"]["ipv4_address"]) for name, spec in _compose_spec().items()  # type: ignore[index]
+            if profile in spec.get("profiles", []) and str(spec.get("image", "")).startswith("envoyproxy/")}
+
+
+# On a failure, what each Envoy did with its connections: PROXY protocol errors, rejected or reset
+# connections, upstream connections, health checks and healthy hosts (an access log does not say).
+FAILURE_STATS = "proxy_proto|downstream_cx_total|downstream_cx_destroy|upstream_cx_|health_check|membership"
+
+
+def _envoy_stats(engine: Engine, profile: str) -> str:
+    lines = []
+    for name, ip in _envoys(profile).items():
+        stats = engine.exec_client(profile, f"curl -sG --max-time 5 --data-urlencode 'filter={FAILURE_STATS}'"
+                                            f" {ip}:9901/stats")
+        nonzero = [line for line in stats.splitlines() if not line.endswith(": 0")]
+        lines += [f"{name} ({ip}) stats, non-zero:", *(f"  {line}" for line in nonzero)]
+    return "\n".join(lines)
+
+
 def check_mutual_tls(engine: Engine, profile: str) -> list[Row]:
     """Every Envoy's xDS connection is TLS (its certificate from keepsrc-certs' volume); plaintext is refused."""
-    envoys = [str(spec["networks"]["lab"]["ipv4_address"]) for spec in _compose_spec().values()  # type: ignore[index]
-              if profile in spec.get("profiles", []) and str(spec.get("image", "")).startswith("envoyproxy/")]
+    envoys = list(_envoys(profile).values())
 
     def over_tls(ip: str) -> bool:
         wanted = "^(cluster.keepsrc_xds.ssl.handshake|control_plane.connected_state)$"
@@ -446,7 +466,9 @@ def test_compose_up_shows_the_client_address(engine: Engine, scenario: str) -> N
         print(f"\n{scenario}: up -d in {up_seconds:.1f} s\n{_table(rows)}")
         if any(seen != want for _, seen, want in rows):
             logs = engine.compose("logs", "--no-color", "--tail", "40", profile=scenario).stdout
-            pytest.fail(f"{scenario}: a backend saw the wrong address:\n{_table(rows)}\n\n{logs}", pytrace=False)
+            stats = _envoy_stats(engine, scenario)
+            pytest.fail(f"{scenario}: a backend saw the wrong address:\n{_table(rows)}\n\n{stats}\n\n{logs}",
+                        pytrace=False)
 
         # keepsrc serves as the unprivileged user and its HEALTHCHECK says SERVING (podman runs a
         # HEALTHCHECK on demand: no systemd timer here).
