@@ -164,6 +164,29 @@ class _Schema(TlsSchema):
             "sni_routes": ("sni_routes", self.sni_routes),
         }
         self.route_parsers: Parsers = {"prefix": ("prefix", self.prefix), "service": ("service", self.service_ref)}
+        self.health_check_parsers: Parsers = {
+            "interval": ("interval_ms", self.duration_ms),
+            "timeout": ("timeout_ms", self.duration_ms),
+            "unhealthy_threshold": ("unhealthy_threshold", self.threshold),
+            "healthy_threshold": ("healthy_threshold", self.threshold),
+        }
+        self.proxy_protocol_parsers: Parsers = {
+            "versions": ("versions", self.versions),
+            "optional": ("optional", self.boolean),
+            "pass_through_tlvs": ("pass_through_tlvs", self.tlvs),
+        }
+        self.original_src_parsers: Parsers = {
+            "mark": ("mark", self.mark),
+            "placement": ("placement", self.placement),
+            "upstream_interface": ("upstream_interface", self.interface),
+            "table": ("table", self.table),
+        }
+        self.xff_parsers: Parsers = {
+            "internal_cidrs": ("internal_cidrs", self.networks),
+            "use_remote_address": ("use_remote_address", self.boolean),
+            "trusted_hops": ("trusted_hops", self.trusted_hops),
+            "skip_append": ("skip_append", self.boolean),
+        }
 
     def topology(self, root: Node) -> Topology:
         required = {
@@ -244,13 +267,7 @@ class _Schema(TlsSchema):
         allowed = ["interval", "timeout", "unhealthy_threshold", "healthy_threshold"]
         if not self.is_mapping(node):
             return HealthCheck() if self.switch(node, path, allowed) else None
-        parsers: Parsers = {
-            "interval": ("interval_ms", self.duration_ms),
-            "timeout": ("timeout_ms", self.duration_ms),
-            "unhealthy_threshold": ("unhealthy_threshold", self.threshold),
-            "healthy_threshold": ("healthy_threshold", self.threshold),
-        }
-        values = self.fields(self.keys(node, path, allowed), path, parsers)
+        values = self.fields(self.keys(node, path, allowed), path, self.health_check_parsers)
         return None if None in values.values() else HealthCheck(**values)
 
     def threshold(self, node: Node, path: str) -> int | None:
@@ -522,12 +539,7 @@ class _Schema(TlsSchema):
         if not self.is_mapping(node):
             return AcceptProxyProtocol() if self.switch(node, path, allowed) else None
         keys = self.keys(node, path, allowed)
-        parsers: Parsers = {
-            "versions": ("versions", self.versions),
-            "optional": ("optional", self.boolean),
-            "pass_through_tlvs": ("pass_through_tlvs", self.tlvs),
-        }
-        values = self.fields(keys, path, parsers)
+        values = self.fields(keys, path, self.proxy_protocol_parsers)
         if "pass_through_tlvs" in keys and values.get("versions") == (ProxyProtocolVersion.V1,):
             self.report(
                 keys["pass_through_tlvs"][0], f"{path}.pass_through_tlvs",
@@ -558,13 +570,7 @@ class _Schema(TlsSchema):
         if not self.is_mapping(node):
             return OriginalSrc() if self.switch(node, path, allowed) else None
         keys = self.keys(node, path, allowed)
-        parsers: Parsers = {
-            "mark": ("mark", self.mark),
-            "placement": ("placement", self.placement),
-            "upstream_interface": ("upstream_interface", self.interface),
-            "table": ("table", self.table),
-        }
-        values = self.fields(keys, path, parsers)
+        values = self.fields(keys, path, self.original_src_parsers)
         if "upstream_interface" in keys and values.get("placement") is Placement.LOCAL:
             self.report(
                 keys["upstream_interface"][0], f"{path}.upstream_interface",
@@ -687,13 +693,7 @@ class _Schema(TlsSchema):
         keys = self.mapping(node, path, ["use_remote_address", "trusted_hops", "skip_append", "internal_cidrs"])
         if keys is None:
             return None
-        parsers: Parsers = {
-            "internal_cidrs": ("internal_cidrs", self.networks),
-            "use_remote_address": ("use_remote_address", self.boolean),
-            "trusted_hops": ("trusted_hops", self.trusted_hops),
-            "skip_append": ("skip_append", self.boolean),
-        }
-        values = self.fields(keys, path, parsers)
+        values = self.fields(keys, path, self.xff_parsers)
         return None if None in values.values() else Xff(**values)
 
     def trusted_hops(self, node: Node, path: str) -> int | None:
