@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from keepsrc.topology import Topology, check_topology_text
+from keepsrc.topology import Topology, check_topology_text, plain
 from keepsrc.topology.loader import check_plain, check_precisely
 from keepsrc.topology.plain import read_plain
 from tests.support.quickstart import QUICKSTART
@@ -229,3 +229,16 @@ def test_a_large_varied_topology_loads_the_same_through_both_passes() -> None:
     plain = check_plain(text, "t.yaml")
     assert plain is not None and len(plain.services) == 300
     assert plain == loaded(text)
+
+
+def test_a_panic_inside_yaml_rs_hands_the_file_to_the_precise_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Rust panic reaches Python as pyo3's PanicException, which is a BaseException, not an Exception.
+    class PanicException(BaseException):
+        pass
+
+    def panics(text: str, **options: object) -> object:
+        raise PanicException("called `Option::unwrap()` on a `None` value")
+
+    monkeypatch.setattr(plain.yaml_rs, "loads", panics)
+    assert read_plain(QUICKSTART) is None
+    assert loaded(QUICKSTART).proxies["ingress"].listeners[0].name == "tcp-in"
