@@ -394,6 +394,10 @@ def _health_check(check: HealthCheck, proxy_protocol: ProxyProtocolVersion | Non
     return health_check_pb2.HealthCheck(
         timeout=_duration(check.timeout_ms),
         interval=_duration(check.interval_ms),
+        # Envoy checks a cluster that has carried no traffic yet every 60 s, whatever the interval:
+        # an endpoint that failed the first check (its Envoy or host plan not up yet) stayed out
+        # for a minute, and with it the whole path of a freshly started mesh.
+        no_traffic_interval=_duration(check.interval_ms),
         unhealthy_threshold=wrappers_pb2.UInt32Value(value=check.unhealthy_threshold),
         healthy_threshold=wrappers_pb2.UInt32Value(value=check.healthy_threshold),
         tcp_health_check=tcp,
